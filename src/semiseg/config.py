@@ -1,0 +1,312 @@
+"""Typed, validated run configuration.
+
+A run is described by one YAML file (``configs/*.yaml``) whose sections mirror the dataclasses
+below. Command-line overrides use dotted keys (``--set train.lr=0.005``). Every key is checked:
+an unknown or mistyped key, or a value of the wrong type, raises :class:`ConfigError` naming
+the key, with the closest known key as a suggestion.
+
+Method- and model-specific options live in free-form ``options`` mappings; the method and model
+registries validate them against their own option dataclasses / constructor signatures when the
+run is built (see :func:`semiseg.methods.build_method`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from semiseg.errors import ConfigError
+
+Triple = tuple[int, int, int]
+
+
+@dataclass
+class ExperimentConfig:
+    """Where a run writes and how it is seeded."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 1337
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class PhantomConfig:
+    """The built-in synthetic abdomen (see :mod:`semiseg.data.phantom`)."""
+
+    num_cases: int = 30
+    shape: Triple = (112, 112, 80)
+    class_set: str = "synapse"
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Which prepared data a run reads and how crops are drawn."""
+
+    dataset: str = "phantom"  # phantom | synapse | amos
+    root: str = "data/phantom"
+    layout: Literal["auto", "semiseg", "dhc", "galoss"] = "auto"
+    split: str = "phantom"  # a shipped split name, or a path to a split YAML
+    labeled_ratio: float = 0.2
+    patch_size: Triple = (96, 96, 96)
+    num_workers: int = 0
+    in_memory: bool = True
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vnet"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "supervised"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule and bookkeeping (defaults: the official SGD recipe)."""
+
+    max_iterations: int = 30000
+    batch_size: int = 4
+    labeled_batch_size: int = 2
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    lr_schedule: Literal["poly", "constant"] = "poly"
+    poly_power: float = 0.9
+    checkpoint_every: int = 1000
+    validate_every: int = 1000
+    log_every: int = 10
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    grad_clip: float = 0.0
+
+
+@dataclass
+class InferenceConfig:
+    """Sliding-window inference (TAK paper 4.2: 96^3 windows, stride 32x32x16)."""
+
+    patch_size: Triple = (96, 96, 96)
+    stride: Triple = (32, 32, 16)
+    sw_batch_size: int = 4
+    mode: Literal["constant", "gaussian"] = "constant"
+
+
+@dataclass
+class EvaluationConfig:
+    split: Literal["eval", "test"] = "test"
+    asd_unit: Literal["voxel", "mm"] = "voxel"
+
+
+@dataclass
+class Config:
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses, tuples and paths to plain YAML/JSON-friendly structures."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert where lossless (int->float,
+    list->tuple). ``where`` is the dotted key used in error messages."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return build_dataclass(tp, value, where)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_tp, val_tp = args if args else (Any, Any)
+        return {
+            coerce(k, key_tp, where): coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def build_dataclass(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys by name."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r}{_suggest(str(key), names)}")
+        kwargs[key] = coerce(value, hints[key], dotted)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge (``update`` wins); mappings under ``options`` merge too."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"train.lr=0.005"`` -> ``{"train": {"lr": 0.005}}`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    keys = [k for k in dotted.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    nested: dict[str, Any] = {keys[-1]: value}
+    for key in reversed(keys[:-1]):
+        nested = {key: nested}
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections")
+    return data
+
+
+def load_config_dict(path: str | Path | None, overrides: list[str] | None = None) -> dict:
+    """Read a YAML config (following ``base:`` includes) and apply overrides, unvalidated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = read_yaml(path)
+        base = data.pop("base", None)
+        if base is not None:
+            base_path = (Path(path).parent / base).resolve()
+            data = merge(load_config_dict(base_path), data)
+    for override in overrides or []:
+        data = merge(data, parse_override(override))
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load and validate a run configuration (``path`` may be None for all defaults)."""
+    data = load_config_dict(path, overrides)
+    return build_dataclass(Config, data)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    from semiseg.utils.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def validate_options(options_cls: type, options: dict[str, Any], where: str) -> Any:
+    """Validate a free-form ``options`` mapping against an options dataclass."""
+    return build_dataclass(options_cls, options, where)

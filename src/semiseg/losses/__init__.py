@@ -1,0 +1,1 @@
+"""semiseg.losses"""
