@@ -1,1 +1,26 @@
-"""semiseg.methods"""
+"""Training methods. Importing this package registers every built-in method and plug-in."""
+
+from semiseg.methods import cps as _cps  # noqa: F401
+from semiseg.methods import magicnet, mean_teacher  # noqa: F401  (register methods)
+from semiseg.methods import supervised as _supervised  # noqa: F401
+from semiseg.methods.base import (
+    Batch,
+    Method,
+    MethodContext,
+    StepInfo,
+    build_method,
+    list_methods,
+    register_method,
+    register_plugin,
+)
+
+__all__ = [
+    "Batch",
+    "Method",
+    "MethodContext",
+    "StepInfo",
+    "build_method",
+    "list_methods",
+    "register_method",
+    "register_plugin",
+]

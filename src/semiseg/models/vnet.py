@@ -7,9 +7,9 @@ convolution, and Dropout3d(0.5) on the bottleneck and on the last decoder featur
 ``has_dropout`` is set. With 16 filters, one input channel and 14 classes it has exactly
 9,449,070 parameters (batch norm).
 
-Module names follow the official state dict (``block_one.conv.0.weight`` ...), so official
-checkpoints load after :func:`semiseg.models.convert.convert_official_state_dict` (which
-for this network only strips wrapper prefixes).
+Block names follow the official state dict (``block_one.conv.0.weight`` ...) under
+``encoder.`` / ``decoder.`` prefixes; :func:`semiseg.models.convert.convert_official_state_dict`
+maps official checkpoints onto it.
 
 Seam for plug-ins (``docs/architecture.md``):
 

@@ -27,6 +27,10 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp",
                                     dir=target.parent)
     os.close(fd)
+    # mkstemp creates 0600 files; outputs are meant to be shared like any other file.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_name, 0o666 & ~umask)
     tmp = Path(tmp_name)
     if suffix:
         # Some writers refuse a name ending in .tmp; give them the real extension.

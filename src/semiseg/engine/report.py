@@ -1,0 +1,278 @@
+"""A report folder from evaluated runs: tables, per-class bar charts and optional overlays.
+
+``write_report`` reads every run's ``metrics.json`` (schema in
+:mod:`semiseg.engine.evaluation`), groups runs by (dataset, labeled ratio, method), summarises
+over seeds (:mod:`semiseg.engine.tables`) and writes, into ``out_dir``::
+
+    report.md                         every table, figure and run, linked
+    <table>.md/.csv/.json/.tex        one set per table (table1, per_class_dice_<setting>, ...)
+    dice_per_class_<setting>.png      per-class Dice bars (methods side by side, std error bars)
+    overlays/<method>_<setting>_seed<seed>_<case>.png   when OverlayOptions are given
+
+Everything is read and validated before the first file is written, and each file is written
+atomically, so a bad input leaves ``out_dir`` as it was.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from semiseg.engine.evaluation import METRICS_FILENAME, EvaluationResult, read_metrics
+from semiseg.engine.tables import (
+    LAYOUTS,
+    MethodAggregate,
+    Table,
+    aggregate_runs,
+    build_tables,
+    render_table,
+    setting_slug,
+    setting_title,
+    to_markdown,
+)
+from semiseg.errors import ConfigError, DataError
+
+CaseLoader = Callable[[str, str], tuple[np.ndarray, np.ndarray]]
+RunSource = str | Path | EvaluationResult
+
+
+@dataclass(frozen=True)
+class OverlayOptions:
+    """How to draw slice overlays: ``load_case(dataset, case_id) -> (image, label)``.
+
+    Predictions are read from ``predictions/<case>.npy`` or ``.nii.gz`` beside each run's
+    ``metrics.json``. One run per (method, dataset, ratio) is drawn (the first seed listed),
+    ``max_cases`` cases each (the first of ``cases`` if given, else of the run's cases).
+    """
+
+    load_case: CaseLoader
+    max_cases: int = 1
+    cases: Sequence[str] | None = None
+    slice_index: int | None = None
+
+
+@dataclass(frozen=True)
+class _Run:
+    result: EvaluationResult
+    folder: Path | None  # None for an in-memory result
+
+
+def find_runs(sources: RunSource | Sequence[RunSource]) -> list[EvaluationResult]:
+    """Read the runs named by ``sources`` (see :func:`write_report`), in the order given."""
+    return [run.result for run in _collect(sources)]
+
+
+def _collect(sources: RunSource | Sequence[RunSource]) -> list[_Run]:
+    if isinstance(sources, (str, Path, EvaluationResult)):
+        sources = [sources]
+    runs: list[_Run] = []
+    seen: set[Path] = set()
+    for source in sources:
+        if isinstance(source, EvaluationResult):
+            runs.append(_Run(source, None))
+            continue
+        for file in _metrics_files(Path(source)):
+            if file.resolve() not in seen:
+                seen.add(file.resolve())
+                runs.append(_Run(read_metrics(file), file.parent))
+    if not runs:
+        raise DataError("no runs to report")
+    return runs
+
+
+def _metrics_files(path: Path) -> list[Path]:
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise DataError(f"metrics file {path} does not exist")
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"run folder {path} does not exist")
+    if (path / METRICS_FILENAME).is_file():
+        return [path / METRICS_FILENAME]
+    # A folder of run folders (e.g. runs/<experiment>/seed<k>/metrics.json).
+    found = sorted(path.rglob(METRICS_FILENAME))
+    if not found:
+        raise DataError(f"run folder {path} has no {METRICS_FILENAME} (nor any below it); "
+                        "evaluate it first (semiseg evaluate)")
+    return found
+
+
+def _check_comparable(runs: list[_Run]) -> None:
+    first = runs[0].result
+    for run in runs[1:]:
+        r = run.result
+        if (r.rule, r.asd_unit) != (first.rule, first.asd_unit):
+            raise DataError(
+                f"{r.source or 'a result'} was evaluated with rule {r.rule!r} / ASD in "
+                f"{r.asd_unit}, but {first.source or 'another'} with {first.rule!r} / "
+                f"{first.asd_unit}; a report compares runs evaluated the same way")
+
+
+def _layouts(layout: str | Sequence[str] | None, aggregates: Sequence[MethodAggregate]
+             ) -> list[str]:
+    if layout is None:
+        auto = ["table1", "per_class"]
+        return auto + (["ablation"] if any(a.switches for a in aggregates) else [])
+    names = [layout] if isinstance(layout, str) else list(layout)
+    for name in names:
+        if name not in LAYOUTS:
+            raise ConfigError(f"unknown table layout {name!r}; known: {', '.join(LAYOUTS)}")
+    return names
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "run"
+
+
+def _load_prediction(folder: Path, case_id: str) -> np.ndarray | None:
+    base = folder / "predictions"
+    if (base / f"{case_id}.npy").is_file():
+        return np.load(base / f"{case_id}.npy", allow_pickle=False)
+    if (base / f"{case_id}.nii.gz").is_file():
+        import nibabel as nib
+
+        return np.asarray(nib.load(str(base / f"{case_id}.nii.gz")).dataobj)
+    return None
+
+
+@dataclass(frozen=True)
+class _Overlay:
+    name: str
+    caption: str
+    volumes: tuple[np.ndarray, np.ndarray, np.ndarray]
+    run: EvaluationResult
+
+
+def _overlays(runs: list[_Run], options: OverlayOptions) -> tuple[list[_Overlay], list[str]]:
+    """Overlays to draw, and notes about runs that have none."""
+    drawn: set[tuple[str, float, str]] = set()
+    overlays, notes = [], []
+    for run in runs:
+        info = run.result.run
+        if info is None or (info.dataset, info.labeled_ratio, info.method) in drawn:
+            continue
+        if run.folder is None or not (run.folder / "predictions").is_dir():
+            notes.append(f"{info.method} ({setting_title(info.dataset, info.labeled_ratio)}): "
+                         "no predictions/ beside metrics.json, no overlay")
+            continue
+        drawn.add((info.dataset, info.labeled_ratio, info.method))
+        wanted = list(options.cases) if options.cases else [c.case_id for c in run.result.cases]
+        count = 0
+        for case_id in wanted:
+            if count >= options.max_cases:
+                break
+            pred = _load_prediction(run.folder, case_id)
+            if pred is None:
+                continue
+            image, label = (np.asarray(v) for v in options.load_case(info.dataset, case_id))
+            if not image.shape == label.shape == pred.shape or image.ndim != 3:
+                raise DataError(
+                    f"{run.folder / 'predictions'}: case {case_id} prediction {pred.shape}, "
+                    f"image {image.shape} and label {label.shape} must be 3-D and equal")
+            setting = setting_slug(info.dataset, info.labeled_ratio)
+            overlays.append(_Overlay(
+                name=f"{_slug(info.method)}_{setting}_seed{info.seed}_{_slug(case_id)}.png",
+                caption=f"{info.method}, {setting_title(info.dataset, info.labeled_ratio)}, "
+                        f"seed {info.seed}, case {case_id}",
+                volumes=(image, label, pred), run=run.result))
+            count += 1
+        if count == 0:
+            notes.append(f"{info.method}: none of the cases {wanted[:5]} has a prediction file")
+    return overlays, notes
+
+
+def _heading(table_name: str) -> str:
+    if table_name == "table1":
+        return "Mean Dice and ASD (SCDL Table 1 layout)"
+    if table_name.startswith("per_class"):
+        return "Per-class results (TAK Tables 1-4 layout)"
+    return "Ablation (SCDL Table 4 layout)"
+
+
+def _runs_table(runs: list[_Run]) -> list[str]:
+    lines = ["| Method | Setting | Seed | Cases | Config | metrics.json |",
+             "|---|---|---:|---:|---|---|"]
+    for run in runs:
+        r, info = run.result, run.result.run
+        assert info is not None
+        lines.append(f"| {info.method} | {setting_title(info.dataset, info.labeled_ratio)} | "
+                     f"{info.seed if info.seed is not None else '—'} | {r.summary.num_cases} | "
+                     f"{info.config or '—'} | {r.source or '(in memory)'} |")
+    return lines
+
+
+def write_report(
+    sources: RunSource | Sequence[RunSource],
+    out_dir: str | Path,
+    layout: str | Sequence[str] | None = None,
+    *,
+    ddof: int = 0,
+    show_std: bool | None = None,
+    plots: bool = True,
+    overlays: OverlayOptions | None = None,
+    title: str = "semiseg report",
+) -> list[Path]:
+    """Write the report of ``sources`` into ``out_dir``; return the files written.
+
+    ``sources``: run folders (holding ``metrics.json``, or run folders below them), paths of
+    ``metrics.json`` files, or :class:`EvaluationResult` objects. ``layout``: ``table1``,
+    ``per_class``, ``ablation`` or a list; default table1 + per_class (+ ablation when runs
+    record switches). ``ddof``: std over seeds (0 population, 1 sample). Raises
+    :class:`DataError` (a SemisegError) naming a run folder without ``metrics.json``.
+    """
+    from semiseg.engine.plots import plot_overlay, plot_per_class_dice
+    from semiseg.utils.io import atomic_write_text
+
+    out_dir = Path(out_dir)
+    runs = _collect(sources)
+    _check_comparable(runs)
+    aggregates = aggregate_runs([run.result for run in runs], ddof=ddof)
+    tables: list[Table] = []
+    for name in _layouts(layout, aggregates):
+        tables += build_tables(aggregates, name, show_std)
+    drawings, notes = _overlays(runs, overlays) if overlays else ([], [])
+
+    written: list[Path] = []
+    for table in tables:
+        for ext, text in render_table(table).items():
+            atomic_write_text(out_dir / f"{table.name}.{ext}", text)
+            written.append(out_dir / f"{table.name}.{ext}")
+    settings = list(dict.fromkeys(a.setting for a in aggregates))
+    charts: dict[tuple[str, float], str] = {}
+    if plots:
+        for setting in settings:
+            name = f"dice_per_class_{setting_slug(*setting)}.png"
+            written.append(plot_per_class_dice(
+                [a for a in aggregates if a.setting == setting], out_dir / name))
+            charts[setting] = name
+    for overlay in drawings:
+        image, label, pred = overlay.volumes
+        written.append(plot_overlay(image, label, pred, overlay.run.class_set,
+                                    out_dir / "overlays" / overlay.name,
+                                    slice_index=overlays.slice_index if overlays else None,
+                                    title=overlay.caption))
+
+    first = runs[0].result
+    std = "population (ddof=0)" if ddof == 0 else f"ddof={ddof}"
+    lines = [f"# {title}", "",
+             f"{len(runs)} runs, {len(aggregates)} method/setting groups. Dice in %, ASD in "
+             f"{first.asd_unit}s; missing-class rule `{first.rule}`; mean±std over seeds, "
+             f"std {std}; bold = best in its column.", ""]
+    for table in tables:
+        links = " · ".join(f"[{ext}]({table.name}.{ext})" for ext in ("csv", "json", "tex"))
+        lines += [f"## {_heading(table.name)}", "", to_markdown(table), links, ""]
+    for setting, name in charts.items():
+        lines += [f"## Per-class Dice, {setting_title(*setting)}", "", f"![{name}]({name})", ""]
+    if drawings or notes:
+        lines += ["## Overlays (left: ground truth, right: prediction)", ""]
+        for o in drawings:
+            lines += [f"![{o.caption}](overlays/{o.name})", ""]
+        lines += [f"- {note}" for note in notes] + [""]
+    lines += ["## Runs", "", *_runs_table(runs), ""]
+    atomic_write_text(out_dir / "report.md", "\n".join(lines))
+    written.append(out_dir / "report.md")
+    return written

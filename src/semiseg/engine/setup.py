@@ -1,0 +1,121 @@
+"""Turn a :class:`~semiseg.config.Config` into the pieces a run needs.
+
+Kept apart from the trainer so that ``evaluate``, ``predict`` and the experiment runner build
+data and methods exactly the way training does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from semiseg.config import Config
+from semiseg.data.classes import ClassSet, get_class_set
+from semiseg.data.sampling import TrainingBatches
+from semiseg.data.splits import Split, load_split, validate_split
+from semiseg.data.store import CaseStore
+from semiseg.errors import ConfigError
+from semiseg.methods.base import Method, MethodContext, build_method, is_semi_supervised
+
+
+@dataclass
+class RunData:
+    """The opened dataset, its split, and the training batches of one run."""
+
+    class_set: ClassSet
+    store: CaseStore
+    split: Split
+    labeled_ids: list[str]
+    unlabeled_ids: list[str]
+    batches: TrainingBatches
+    iterations_per_epoch: int
+
+
+def ensure_phantom(config: Config) -> Path:
+    """Generate the built-in phantom under ``data.root``; cases already there are kept
+    (generation is resumable and refuses a folder made with other phantom parameters)."""
+    from semiseg.data.phantom import generate_dataset
+
+    root = Path(config.data.root)
+    phantom = config.data.phantom
+    generate_dataset(root, num_cases=phantom.num_cases, shape=phantom.shape,
+                     class_set=get_class_set(phantom.class_set), seed=phantom.seed)
+    return root
+
+
+def open_store(config: Config) -> tuple[ClassSet, CaseStore]:
+    """Open (and for the phantom, first generate) the prepared data of ``config``."""
+    data = config.data
+    if data.dataset == "phantom":
+        ensure_phantom(config)
+        class_set = get_class_set(data.phantom.class_set)
+    elif data.dataset in ("synapse", "amos"):
+        class_set = get_class_set(data.dataset)
+    else:
+        raise ConfigError(f"data.dataset: unknown dataset {data.dataset!r} (phantom|synapse|amos)")
+    store = CaseStore.open(Path(data.root), layout=data.layout, class_set=class_set,
+                           in_memory=data.in_memory,
+                           intensity=None if data.intensity == "auto" else data.intensity)
+    return class_set, store
+
+
+def open_split(config: Config, store: CaseStore) -> Split:
+    split = load_split(config.data.split, store=store)
+    validate_split(split, store, config.data.labeled_ratio)
+    return split
+
+
+def prepare_run_data(config: Config, semi_supervised: bool | None = None) -> RunData:
+    """Open data and split, and build the iteration-indexed training batches."""
+    class_set, store = open_store(config)
+    split = open_split(config, store)
+    labeled = split.labeled_ids(config.data.labeled_ratio)
+    unlabeled = split.unlabeled_ids(config.data.labeled_ratio)
+    if semi_supervised is None:
+        semi_supervised = is_semi_supervised(config.method.name)
+    train = config.train
+    if not semi_supervised:
+        unlabeled = []
+    labeled_bs = train.labeled_batch_size if unlabeled else train.batch_size
+    batches = TrainingBatches(store, labeled, unlabeled, config.data.patch_size,
+                              train.batch_size, labeled_bs, config.experiment.seed)
+    return RunData(class_set, store, split, labeled, unlabeled, batches,
+                   iterations_per_epoch(len(labeled), len(unlabeled), train.batch_size,
+                                        labeled_bs))
+
+
+def iterations_per_epoch(num_labeled: int, num_unlabeled: int, batch_size: int,
+                         labeled_batch_size: int) -> int:
+    """Iterations in one "epoch", as the official two-stream loader counts them.
+
+    The official loaders index ``2U`` labeled and ``2U`` unlabeled slots (U unlabeled cases)
+    and draw ``labeled_batch_size`` labeled slots per batch, so an epoch is
+    ``2U / labeled_batch_size`` iterations (U for the usual 2 + 2 batch); epoch-based
+    schedules (ramp-ups, TAK's contrastive start) count in these units. A supervised run
+    counts one pass over its labeled cases.
+    """
+    if num_unlabeled > 0:
+        return max(1, (2 * num_unlabeled) // max(1, labeled_batch_size))
+    return max(1, num_labeled // max(1, batch_size))
+
+
+def method_context(config: Config, class_set: ClassSet) -> MethodContext:
+    return MethodContext(
+        num_classes=class_set.num_classes,
+        model_name=config.model.name,
+        model_options=dict(config.model.options),
+        patch_size=tuple(config.data.patch_size),
+        weight_decay=config.train.weight_decay,
+        max_iterations=config.train.max_iterations,
+        class_names=tuple(["background", *class_set.names]),
+    )
+
+
+def build_method_for(config: Config, data: RunData | None = None,
+                     class_set: ClassSet | None = None) -> Method:
+    """Build the configured method for the run's class set."""
+    class_set = class_set or (data.class_set if data is not None else None)
+    if class_set is None:
+        raise ValueError("build_method_for needs run data or a class set")
+    return build_method(config.method.name, method_context(config, class_set),
+                        dict(config.method.options))

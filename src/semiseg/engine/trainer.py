@@ -1,0 +1,303 @@
+"""The training loop every method shares.
+
+One iteration: draw the batch of this iteration (a pure function of the seed and the
+iteration index, see :mod:`semiseg.data.sampling`), ask the method for its named loss terms,
+weight and sum them, step one SGD optimiser with the poly schedule, let the method update its
+EMA teachers. Every ``checkpoint_every`` iterations (and at the end) the complete state is
+written atomically to ``checkpoints/last.pt``; every ``validate_every`` iterations the
+inference network is scored on the eval cases by sliding-window Dice and the best one is kept
+as ``checkpoints/best.pt``. Logs go to ``log.csv`` and TensorBoard; progress to tqdm.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from semiseg.config import Config, save_config
+from semiseg.engine.checkpoint import (
+    BEST,
+    LAST,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
+from semiseg.engine.inference import predict_volume
+from semiseg.engine.logging import RunLogger
+from semiseg.engine.setup import RunData, build_method_for, prepare_run_data
+from semiseg.errors import CheckpointError, ConfigError
+from semiseg.methods.base import Batch, Method, StepInfo
+from semiseg.utils.io import atomic_write_json
+from semiseg.utils.seed import resolve_device, seed_everything
+
+
+def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -> float:
+    """Poly decay ``base_lr * (1 - iteration / max_iterations) ** power``."""
+    return base_lr * (1.0 - iteration / max_iterations) ** power
+
+
+def quick_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-class Dice (classes 1..C-1) for model selection during training.
+
+    As GALoss's validation: a class empty in both masks scores 0 (not 1), so selection favours
+    networks that find every organ. One bincount over (ref, pred) pairs instead of C boolean
+    passes, because validation runs often.
+    """
+    joint = np.bincount(ref.astype(np.int64).ravel() * num_classes + pred.astype(np.int64).ravel(),
+                        minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    inter = np.diag(joint)[1:].astype(np.float64)
+    sizes = joint.sum(0)[1:] + joint.sum(1)[1:]
+    return np.divide(2.0 * inter, sizes, out=np.zeros_like(inter), where=sizes > 0)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    iterations: int
+    best_score: float
+    best_iteration: int
+
+
+class Trainer:
+    """Runs one configured training job in ``run_dir``."""
+
+    def __init__(self, config: Config, run_dir: str | Path, resume: bool = False,
+                 show_progress: bool = True, stop_after: int | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.show_progress = show_progress
+        # ``stop_after`` ends the loop early as if killed (tests of resume, smoke runs).
+        self.stop_after = stop_after
+        train = config.train
+        if train.max_iterations <= 0:
+            raise ConfigError("train.max_iterations must be positive")
+        if not 0 < train.labeled_batch_size <= train.batch_size:
+            raise ConfigError("train.labeled_batch_size must be in 1..train.batch_size")
+
+    # ------------------------------------------------------------------ construction
+    def _setup(self) -> None:
+        cfg = self.config
+        seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
+        self.device = resolve_device(cfg.experiment.device)
+        self.data: RunData = prepare_run_data(cfg)
+        self.method: Method = build_method_for(cfg, self.data).to(self.device)
+        groups = self.method.parameter_groups(cfg.train.weight_decay)
+        if cfg.train.optimizer == "adamw":
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.train.lr,
+                                             momentum=cfg.train.momentum,
+                                             nesterov=cfg.train.nesterov)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = cfg.train.lr * group.get("lr_scale", 1.0)
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            cfg.train.amp]
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=cfg.train.amp == "fp16")
+        self.iteration = 0
+        self.best_score = -math.inf
+        self.best_iteration = -1
+
+    def _checkpoint_payload(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "method_name": self.config.method.name,
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "best_score": self.best_score,
+            "best_iteration": self.best_iteration,
+            "config": self.config.to_dict(),
+            "class_set": self.data.class_set.name,
+            # How the training arrays were made, so `semiseg predict` prepares new scans alike.
+            "preprocessing": self.data.store.preprocessing,
+            "intensity": self.data.store.intensity,
+        }
+
+    def _restore(self, path: Path) -> None:
+        payload = load_checkpoint(path, map_location=self.device)
+        if payload.get("method_name") != self.config.method.name:
+            raise CheckpointError(
+                f"{path}: written by method {payload.get('method_name')!r}, "
+                f"cannot resume it as {self.config.method.name!r}"
+            )
+        self.method.load_state_dict(payload["method"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.iteration = int(payload["iteration"])
+        self.best_score = float(payload["best_score"])
+        self.best_iteration = int(payload["best_iteration"])
+        restore_rng_state(payload["rng"])
+
+    # ------------------------------------------------------------------ loop
+    def _batches(self) -> Iterator[Batch]:
+        workers = self.config.data.num_workers
+        indices = range(self.iteration, self.config.train.max_iterations)
+        loader = DataLoader(
+            self.data.batches,
+            sampler=indices,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=2 if workers > 0 else None,
+            # Batches draw from (seed, iteration) only; a private generator keeps the
+            # DataLoader from consuming the global RNG, which resume restores exactly.
+            generator=torch.Generator(),
+        )
+        for item in loader:
+            yield Batch.from_dict(item)
+
+    def _validate(self) -> float:
+        """Mean foreground Dice of the inference network on the eval cases."""
+        net = self.method.inference_network()
+        inf = self.config.inference
+        scores = []
+        for case_id in self.data.split.eval:
+            pred = predict_volume(net, self.data.store.image(case_id), inf.patch_size,
+                                  inf.validation_stride, inf.sw_batch_size, inf.mode, self.device,
+                                  self.amp_dtype)
+            scores.append(quick_dice(pred, self.data.store.label(case_id),
+                                     self.data.class_set.num_classes))
+        if not scores:
+            return float("nan")
+        return float(np.stack(scores).mean())
+
+    def _step(self, batch: Batch, step: StepInfo) -> dict[str, float]:
+        train = self.config.train
+        horizon = train.lr_schedule_iterations or train.max_iterations
+        lr = (poly_lr(train.lr, min(step.iteration, horizon - 1), horizon, train.poly_power)
+              if train.lr_schedule == "poly" else train.lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        batch = batch.to(self.device)
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                  enabled=self.amp_dtype is not None)
+        with autocast:
+            terms = self.method.training_step(batch, step)
+        weights = self.method.loss_weights(step)
+        total = torch.zeros((), device=self.device)
+        logs: dict[str, float] = {}
+        for name, value in terms.items():
+            weight = weights.get(name, 1.0) * train.loss_weights.get(name, 1.0)
+            if weight != 0.0:
+                total = total + weight * value.float()
+            logs[f"loss/{name}"] = float(value.detach())
+            if name in weights:
+                logs[f"weight/{name}"] = weight
+        unknown = set(train.loss_weights) - set(terms)
+        if unknown and step.iteration == 0:
+            raise ConfigError(
+                f"train.loss_weights names {sorted(unknown)}, but method "
+                f"{self.config.method.name!r} returns {sorted(terms)}"
+            )
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                f"loss became {float(total)} at iteration {step.iteration}: "
+                f"{ {k: v for k, v in logs.items() if k.startswith('loss/')} }"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if train.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.method.parameters(), train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_step(step)
+        logs["loss/total"] = float(total.detach())
+        logs["lr"] = lr
+        return logs
+
+    def fit(self) -> TrainResult:
+        self._setup()
+        ckpt_dir = self.run_dir / "checkpoints"
+        last = ckpt_dir / LAST
+        if self.resume and last.exists():
+            self._restore(last)
+        elif self.resume:
+            raise CheckpointError(f"{last}: nothing to resume (no checkpoint in {self.run_dir})")
+        elif last.exists():
+            raise CheckpointError(
+                f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
+                "another --run-dir"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.run_dir / "config.yaml")
+        train = self.config.train
+        logger = RunLogger(self.run_dir, start_iteration=self.iteration)
+        self.method.train()
+        bar = tqdm(total=train.max_iterations, initial=self.iteration,
+                   disable=not self.show_progress,
+                   desc=f"train {self.config.method.name}", dynamic_ncols=True)
+        self._write_state("running")
+        timer, timed = time.perf_counter(), 0
+        try:
+            for batch in self._batches():
+                step = StepInfo(self.iteration, train.max_iterations,
+                                self.data.iterations_per_epoch)
+                logs = self._step(batch, step)
+                self.iteration += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['loss/total']:.4f}", refresh=False)
+                done = self.iteration == train.max_iterations
+                timed += 1
+                if self.iteration % train.log_every == 0 or done:
+                    logs["time/iter_s"] = (time.perf_counter() - timer) / timed
+                    timer, timed = time.perf_counter(), 0
+                else:
+                    logs = {}
+                if train.validate_every > 0 and (self.iteration % train.validate_every == 0
+                                                 or done):
+                    validation_started = time.perf_counter()
+                    logs.update(self._validate_and_keep_best(ckpt_dir))
+                    # Keep validation out of the per-iteration timing.
+                    timer += time.perf_counter() - validation_started
+                if logs:
+                    logger.log(self.iteration, logs)
+                if self.iteration % train.checkpoint_every == 0 or done:
+                    save_checkpoint(last, self._checkpoint_payload())
+                if self.stop_after is not None and self.iteration >= self.stop_after:
+                    break
+        finally:
+            bar.close()
+            logger.close()
+        finished = self.iteration >= train.max_iterations
+        if finished and self.best_iteration < 0:
+            # No validation configured: the final weights are the ones to evaluate.
+            save_checkpoint(ckpt_dir / BEST, self._checkpoint_payload())
+            self.best_iteration = self.iteration
+        self._write_state("finished" if finished else "stopped")
+        return TrainResult(self.run_dir, self.iteration, self.best_score, self.best_iteration)
+
+    def _validate_and_keep_best(self, ckpt_dir: Path) -> dict[str, float]:
+        """Score the eval cases, keep the best checkpoint; returns the values to log."""
+        if not self.data.split.eval:
+            return {}
+        score = self._validate()
+        self.method.train()
+        if score > self.best_score:
+            self.best_score = score
+            self.best_iteration = self.iteration
+            save_checkpoint(ckpt_dir / BEST, self._checkpoint_payload())
+        return {"val/dice": score * 100.0}
+
+    def _write_state(self, status: str) -> None:
+        atomic_write_json(self.run_dir / "state.json", {
+            "status": status,
+            "iteration": self.iteration,
+            "max_iterations": self.config.train.max_iterations,
+            "best_score": None if self.best_iteration < 0 else self.best_score,
+            "best_iteration": self.best_iteration,
+        })
