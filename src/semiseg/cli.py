@@ -51,6 +51,12 @@ def _build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", type=Path, required=True, help="output folder")
     prep.add_argument("--target-shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
                       default=None, help="resized grid (default 160 160 80)")
+    prep.add_argument("--profile", choices=["galoss", "dhc", "native"], default="galoss",
+                      help="resampling profile: galoss/dhc = the 160x160x80 grid with the "
+                      "pipeline's intensity window as default; native = keep the raw grid")
+    prep.add_argument("--ct-only", action="store_true",
+                      help="amos: skip the MRI cases (ids >= 500); the published splits then "
+                      "no longer validate")
     prep.add_argument("--num-cases", type=int, default=30, help="phantom: number of cases")
     prep.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                       help="phantom: volume shape")
@@ -145,9 +151,13 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         return 0
     if args.raw is None:
         raise SemisegError(f"prepare {args.dataset}: --raw (the raw download folder) is required")
-    kwargs = {} if args.target_shape is None else {"target_shape": tuple(args.target_shape)}
-    fn = prepare.prepare_synapse if args.dataset == "synapse" else prepare.prepare_amos
-    fn(args.raw, args.out, **kwargs)
+    kwargs: dict = {"profile": args.profile}
+    if args.target_shape is not None:
+        kwargs["target_shape"] = tuple(args.target_shape)
+    if args.dataset == "synapse":
+        prepare.prepare_synapse(args.raw, args.out, **kwargs)
+    else:
+        prepare.prepare_amos(args.raw, args.out, ct_only=args.ct_only, **kwargs)
     print(f"prepared {args.dataset} in {args.out}")
     return 0
 

@@ -48,3 +48,25 @@ def test_unknown_model_and_option_are_named() -> None:
         create_model("vnett", num_classes=2)
     with pytest.raises(ConfigError, match="model 'vnet' has no option 'n_filter'"):
         create_model("vnet", num_classes=2, n_filter=8)
+
+
+def test_attached_injector_acts_on_every_decoding_and_is_saved() -> None:
+    class AddOne(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+            return x + self.scale if stage == 1 else x
+
+    torch.manual_seed(0)
+    net = create_model("vnet", num_classes=3, n_filters=4).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    plain = net(x)
+    net.attach_injector(AddOne())
+    assert "injector.scale" in net.state_dict()
+    assert not torch.allclose(net(x), plain)
+    manual = net.decode(net.encode(x), lambda stage, f: f)  # an explicit inject wins
+    assert torch.allclose(manual, plain)
+    net.attach_injector(None)
+    assert torch.allclose(net(x), plain)

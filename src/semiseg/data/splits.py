@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 ALIASES = {"synapse_galoss": "synapse_dhc", "amos_galoss": "amos_dhc"}
 _KEYS = {"name", "dataset", "class_set", "source", "notes", "train", "eval", "test", "labeled"}
-_REQUIRED = _KEYS - {"notes"}
+_REQUIRED = _KEYS - {"notes", "source"}  # a user's own split need not cite a source
 _SUBSETS = ("train", "eval", "test")
 
 
@@ -202,7 +202,7 @@ def split_from_dict(data: Any, path: Path | None = None, name: str = "split") ->
         name=str(data["name"]),
         dataset=str(data["dataset"]),
         class_set=str(data["class_set"]),
-        source=str(data["source"]),
+        source=str(data.get("source", "")),
         notes=str(data.get("notes") or ""),
         train=_id_list(data["train"], "train", where),
         eval=_id_list(data["eval"], "eval", where),

@@ -16,7 +16,10 @@ Seam for plug-ins (``docs/architecture.md``):
 * :meth:`VNet.encode` returns the encoder features ``[x1, x2, x3, x4, x5]`` (fine to coarse;
   ``x5`` is the bottleneck whose voxels are SCDL's tokens).
 * :meth:`VNet.decode_features` runs the decoder; an optional ``inject(stage, x)`` callback
-  may modify the feature entering each decoder stage (SCDL adds its prior there).
+  may modify the feature entering each decoder stage (stage 0 = the bottleneck, 1..4 after
+  each up-sampling). A plug-in that must act on *every* decoding of a network, whoever calls
+  it (the host's forward, MagicNet's cube branches), attaches an injector module once with
+  :meth:`VNet.attach_injector`; it becomes part of the network's state dict (SCDL does this).
 * :meth:`VNet.head` maps the last decoder feature to logits (TAK replaces it).
 """
 
@@ -169,6 +172,7 @@ class VNet(nn.Module):
         self.encoder = VNetEncoder(in_channels, n_filters, normalization, has_dropout)
         self.decoder = VNetDecoder(n_filters, normalization, has_dropout)
         self.out_conv = nn.Conv3d(n_filters, num_classes, 1, padding=0)
+        self.injector: nn.Module | None = None
 
     @property
     def bottleneck_channels(self) -> int:
@@ -181,8 +185,13 @@ class VNet(nn.Module):
     def encode(self, x: Tensor) -> list[Tensor]:
         return self.encoder(x)
 
+    def attach_injector(self, injector: nn.Module | None) -> None:
+        """Let ``injector(stage, x)`` modify the feature entering every decoder stage of every
+        decoding (unless a call passes its own ``inject``). ``None`` detaches it."""
+        self.injector = injector
+
     def decode_features(self, features: Sequence[Tensor], inject: Inject | None = None) -> Tensor:
-        return self.decoder(features, inject)
+        return self.decoder(features, inject if inject is not None else self.injector)
 
     def head(self, feature: Tensor) -> Tensor:
         return self.out_conv(feature)
