@@ -105,9 +105,25 @@ def _build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="tables and plots from evaluated runs",
                             description="Collect metrics.json of runs (several seeds per method) "
                             "and write the papers' tables (Markdown, CSV, JSON, LaTeX) and plots.")
-    report.add_argument("runs", nargs="+", type=Path, help="run folders (searched recursively)")
+    report.add_argument("runs", nargs="+", type=Path,
+                        help="run folders (searched recursively) or experiment grid YAMLs")
     report.add_argument("--out", type=Path, required=True)
     report.set_defaults(handler=_cmd_report)
+
+    experiment = sub.add_parser(
+        "experiment", help="run a whole table (methods x ratios x seeds) from a grid YAML",
+        description="Run every cell of an experiment grid in turn: finished cells are skipped, "
+        "interrupted ones resume from their last checkpoint, each cell is evaluated, and "
+        "manifest.json records what ran with which config and code version.")
+    exp_sub = experiment.add_subparsers(dest="experiment_command", required=True,
+                                        metavar="ACTION")
+    exp_run = exp_sub.add_parser("run", help="run (or resume) the grid")
+    exp_run.add_argument("grid", type=Path)
+    exp_run.add_argument("--no-progress", action="store_true")
+    exp_run.set_defaults(handler=_cmd_experiment_run)
+    exp_status = exp_sub.add_parser("status", help="show which cells are done")
+    exp_status.add_argument("grid", type=Path)
+    exp_status.set_defaults(handler=_cmd_experiment_status)
 
     convert = sub.add_parser(
         "convert-checkpoint", help="official weights -> a state dict create_model loads",
@@ -194,10 +210,38 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment_run(args: argparse.Namespace) -> int:
+    from semiseg.engine.experiment import load_grid, run_grid
+
+    run_grid(load_grid(args.grid), show_progress=not args.no_progress)
+    return 0
+
+
+def _cmd_experiment_status(args: argparse.Namespace) -> int:
+    from semiseg.engine.experiment import grid_status, load_grid
+
+    rows = grid_status(load_grid(args.grid))
+    width = max(len(key) for key, _, _ in rows)
+    for key, status, run_dir in rows:
+        print(f"{key:<{width}}  {status:<8}  {run_dir}")
+    done = sum(status == "done" for _, status, _ in rows)
+    print(f"{done}/{len(rows)} cells done")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
+    from semiseg.engine.experiment import grid_run_dirs, load_grid
     from semiseg.engine.report import write_report
 
-    outputs = write_report(args.runs, args.out)
+    sources: list[Path] = []
+    for path in args.runs:
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            sources.extend(grid_run_dirs(load_grid(path)))
+        else:
+            sources.append(path)
+    if not sources:
+        raise SemisegError("no evaluated runs to report (has the grid run?)")
+    outputs = write_report(sources, args.out)
     print(f"report written to {args.out}")
     for path in outputs if isinstance(outputs, (list, tuple)) else []:
         print(f"  {path}")

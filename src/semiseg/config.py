@@ -33,6 +33,8 @@ class ExperimentConfig:
     """Where a run writes and how it is seeded."""
 
     name: str = "run"
+    # Row label in tables (default: the method name); ablation rows of one method need one.
+    label: str = ""
     output_dir: str = "runs"
     seed: int = 1337
     deterministic: bool = False

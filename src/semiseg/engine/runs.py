@@ -109,7 +109,7 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None = None, split: str | Non
         cases_from_mappings(predictions, references, spacings), class_set,
         config.evaluation.asd_unit, rule=config.evaluation.rule, show_progress=show_progress,
     ).with_run(RunInfo(
-        method=config.method.name, dataset=config.data.dataset,
+        method=config.experiment.label or config.method.name, dataset=config.data.dataset,
         labeled_ratio=config.data.labeled_ratio, seed=config.experiment.seed,
         config=str(config_path), checkpoint=str(checkpoint),
         experiment=config.experiment.name, split=which,

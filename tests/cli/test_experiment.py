@@ -1,0 +1,84 @@
+"""Experiment grids: one command runs every cell, survives a kill, and reports."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from semiseg.cli import main
+from semiseg.engine.experiment import cell_status, grid_cells, load_grid
+from semiseg.errors import ConfigError
+
+
+def _grid(tmp_path: Path, iterations: int = 4) -> Path:
+    base = {
+        "data": {"dataset": "phantom", "root": str(tmp_path / "data"),
+                 "patch_size": [32, 32, 32], "phantom": {"num_cases": 10, "shape": [40, 40, 32]}},
+        "model": {"options": {"n_filters": 4}},
+        "train": {"max_iterations": iterations, "checkpoint_every": 2, "validate_every": 0,
+                  "log_every": 1, "batch_size": 2, "labeled_batch_size": 1},
+        "inference": {"patch_size": [32, 32, 32], "stride": [16, 16, 16]},
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base), encoding="utf-8")
+    grid = {
+        "name": "tiny", "output_dir": str(tmp_path / "runs"), "seeds": [0, 1],
+        "rows": [
+            {"name": "lower", "config": "base.yaml",
+             "set": ["method.name=supervised", "method.options={loss: ga}"]},
+            {"name": "cps", "config": "base.yaml", "set": ["method.name=ga_cps"]},
+        ],
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid), encoding="utf-8")
+    return path
+
+
+def test_grid_cells_and_validation(tmp_path: Path) -> None:
+    grid = load_grid(_grid(tmp_path))
+    cells = grid_cells(grid)
+    assert [c.key for c in cells] == ["lower/seed0", "lower/seed1", "cps/seed0", "cps/seed1"]
+    assert cells[1].config.experiment.seed == 1
+    assert cells[2].config.method.name == "ga_cps"
+    assert cells[0].config.experiment.name == "tiny_lower"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\noutput_dir: y\nrows: [{name: a, confg: b}]\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="confg"):
+        load_grid(bad)
+
+
+def test_grid_survives_a_kill_and_does_not_redo_finished_cells(tmp_path: Path) -> None:
+    grid_path = _grid(tmp_path, iterations=6)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "semiseg", "experiment", "run",
+                             str(grid_path), "--no-progress"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    grid = load_grid(grid_path)
+    cells = grid_cells(grid)
+    first_metrics = cells[0].run_dir / "metrics.json"
+    second_ckpt = cells[1].run_dir / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not second_ckpt.exists():
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first_metrics.exists(), "the first cell finished before the kill"
+    assert cell_status(cells[1]) == "partial"
+    stamp = first_metrics.stat().st_mtime_ns
+    assert main(["experiment", "run", str(grid_path), "--no-progress"]) == 0
+    assert first_metrics.stat().st_mtime_ns == stamp, "a finished cell was redone"
+    assert all(cell_status(c) == "done" for c in cells)
+    manifest = json.loads((tmp_path / "runs" / "manifest.json").read_text(encoding="utf-8"))
+    assert set(manifest["cells"]) == {c.key for c in cells}
+    assert all(entry["status"] == "done" for entry in manifest["cells"].values())
+    assert manifest["cells"]["cps/seed1"]["config"]["method"]["name"] == "ga_cps"
+    assert main(["experiment", "status", str(grid_path)]) == 0
+    assert main(["report", str(grid_path), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+    assert "| cps " in table and "| lower " in table

@@ -1,0 +1,43 @@
+"""Every shipped config (table rows, phantom rows, grids, the demo) loads and validates."""
+
+from pathlib import Path
+
+import pytest
+
+from semiseg.config import load_config, validate_options
+from semiseg.engine.experiment import grid_cells, load_grid
+from semiseg.methods.base import resolve_method
+from semiseg.models.registry import get_model_factory
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml")
+                 if not p.name.startswith(("_", "grid")))
+GRIDS = sorted((REPO / "configs").rglob("grid*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS + [REPO / "src/semiseg/configs/demo.yaml"],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_config_validates(path: Path) -> None:
+    config = load_config(path)
+    prefix, host = resolve_method(config.method.name)
+    get_model_factory(config.model.name)
+    if prefix is None:
+        validate_options(host.Options, dict(config.method.options), "method.options")
+    if path.parent.name in ("synapse", "amos"):
+        assert config.experiment.name == f"{path.parent.name}_{path.stem}"
+        assert config.data.dataset == path.parent.name
+
+
+def test_table_rows_cover_every_host_and_ratio() -> None:
+    rows = {(p.parent.name, p.stem) for p in CONFIGS}
+    for host in ("vnet_lower", "cps", "ga_cps", "mean_teacher", "magicnet", "ga_magicnet"):
+        for suffix in ("10p", "20p"):
+            assert ("synapse", f"{host}_{suffix}") in rows
+        for suffix in ("2p", "5p", "10p"):
+            assert ("amos", f"{host}_{suffix}") in rows
+    assert ("synapse", "vnet_fully") in rows and ("amos", "vnet_fully") in rows
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
+def test_grids_validate(path: Path) -> None:
+    assert grid_cells(load_grid(path))
