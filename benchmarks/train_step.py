@@ -2,6 +2,12 @@
 
     python benchmarks/train_step.py                       # all registered hosts, 96^3, batch 4
     python benchmarks/train_step.py --methods supervised ga_cps --patch 64 --iters 3
+    python benchmarks/train_step.py --methods ga_cps scdl_ga_cps scdl_ga_cps:cdba_only
+
+A method name may carry a variant after a colon: ``scdl_<host>:cdba_only`` (CDBA without SAC)
+and ``scdl_<host>:sac_cap4`` (SAC limited to the 4 rarest classes per step), so that the cost
+of each SCDL part over its host can be read off. MagicNet methods build the MagicNet VNet and
+``tak`` the text-driven network (Synapse class names, packaged MiniLM embeddings).
 
 Each method runs in its own process so that peak memory is its own (peak RSS on the CPU,
 ``torch.cuda.max_memory_allocated`` on a GPU). One iteration = the method's forward, the
@@ -19,21 +25,52 @@ import subprocess
 import sys
 import time
 
-DEFAULT_METHODS = ["supervised", "cps", "ga_cps", "mean_teacher", "magicnet", "ga_magicnet"]
+DEFAULT_METHODS = ["supervised", "cps", "ga_cps", "mean_teacher", "magicnet", "ga_magicnet",
+                   "scdl_ga_cps:cdba_only", "scdl_ga_cps", "scdl_ga_magicnet:cdba_only",
+                   "scdl_ga_magicnet", "tak"]
+VARIANTS: dict[str, dict] = {
+    "": {},
+    "cdba_only": {"scdl": {"sac": False}},
+    "sac_cap4": {"scdl": {"sac_max_classes": 4}},
+}
 
 
-def _measure(method_name: str, patch: int, batch: int, labeled: int, iters: int, warmup: int,
-             num_classes: int, device_name: str, threads: int) -> dict:
+def _model_name(method_name: str) -> str:
+    if method_name == "tak":
+        return "tak"
+    return "magicnet" if method_name.endswith("magicnet") else "vnet"
+
+
+def _measure(spec: str, patch: int, batch: int, labeled: int, iters: int, warmup: int,
+             num_classes: int, device_name: str, threads: int, n_filters: int,
+             cube: int = 0) -> dict:
     import torch
 
+    from semiseg.data.classes import get_class_set
     from semiseg.methods.base import Batch, MethodContext, StepInfo, build_method
 
     if threads:
         torch.set_num_threads(threads)
+    method_name, _, variant = spec.partition(":")
     device = torch.device(device_name)
-    context = MethodContext(num_classes=num_classes, patch_size=(patch,) * 3,
-                            max_iterations=1000)
-    method = build_method(method_name, context, {}).to(device).train()
+    class_names: tuple[str, ...] = ()
+    if num_classes == 14:  # the Synapse set, so that tak finds its packaged knowledge
+        class_names = ("background", *get_class_set("synapse").names)
+    model_name = _model_name(method_name)
+    model_options: dict = {"n_filters": n_filters}
+    host_options: dict = {}
+    if model_name != "vnet":  # the official 3x3x3 magic cube; instance norm needs cubes >= 32
+        host_options["cube_size"] = cube or patch // 3
+        if host_options["cube_size"] < 32:
+            model_options["normalization"] = "batchnorm"
+    context = MethodContext(num_classes=num_classes, model_name=model_name,
+                            model_options=model_options, patch_size=(patch,) * 3,
+                            max_iterations=1000, class_names=class_names)
+    if method_name.startswith("scdl_"):
+        options = {**VARIANTS[variant], "host": host_options}
+    else:
+        options = host_options
+    method = build_method(method_name, context, options).to(device).train()
     if not method.semi_supervised:
         labeled = batch
     optimizer = torch.optim.SGD(method.parameter_groups(1e-4), lr=0.01, momentum=0.9)
@@ -65,7 +102,7 @@ def _measure(method_name: str, patch: int, batch: int, labeled: int, iters: int,
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     params = sum(p.numel() for p in method.parameters())
-    return {"method": method_name, "device": device_name, "patch": patch, "batch": batch,
+    return {"method": spec, "device": device_name, "patch": patch, "batch": batch,
             "s_per_iter": sum(times) / len(times), "peak_mb": peak_mb, "parameters": params,
             "threads": torch.get_num_threads()}
 
@@ -82,6 +119,9 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=14)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--n-filters", type=int, default=16, help="base filters (papers: 16)")
+    parser.add_argument("--cube", type=int, default=0,
+                        help="MagicNet cube size (default: patch / 3, the official 3x3x3 grid)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -93,31 +133,34 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child:
         row = _measure(args.child, args.patch, args.batch, args.labeled, args.iters, args.warmup,
-                       args.num_classes, device, args.threads)
+                       args.num_classes, device, args.threads, args.n_filters,
+                       args.cube)
         print(json.dumps(row))
         return
 
     from semiseg.methods.base import list_methods
 
     known = set(list_methods())
-    methods = args.methods or [m for m in DEFAULT_METHODS if m in known]
+    methods = args.methods or [m for m in DEFAULT_METHODS if m.partition(":")[0] in known]
     rows = []
     for name in methods:
         cmd = [sys.executable, __file__, "--child", name, "--patch", str(args.patch),
                "--batch", str(args.batch), "--labeled", str(args.labeled),
                "--iters", str(args.iters), "--warmup", str(args.warmup),
                "--num-classes", str(args.num_classes), "--device", device,
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--n-filters", str(args.n_filters),
+               "--cube", str(args.cube)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0:
             print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    title = f"training step, patch {args.patch}^3, batch {args.batch}, device {device}"
+    title = (f"training step, patch {args.patch}^3, batch {args.batch} ({args.labeled} labeled), "
+             f"{args.n_filters} base filters, device {device}")
     print(title)
-    print(f"{'method':<22}{'s/iter':>10}{'peak MB':>12}{'params (M)':>12}")
+    print(f"{'method':<28}{'s/iter':>10}{'peak MB':>12}{'params (M)':>12}")
     for row in rows:
-        print(f"{row['method']:<22}{row['s_per_iter']:>10.3f}{row['peak_mb']:>12.0f}"
+        print(f"{row['method']:<28}{row['s_per_iter']:>10.3f}{row['peak_mb']:>12.0f}"
               f"{row['parameters'] / 1e6:>12.2f}")
     if args.json:
         with open(args.json, "w") as handle:

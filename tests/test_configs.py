@@ -15,7 +15,7 @@ CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml")
 GRIDS = sorted((REPO / "configs").rglob("grid*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS + [REPO / "src/semiseg/configs/demo.yaml"],
+@pytest.mark.parametrize("path", [*CONFIGS, REPO / "src/semiseg/configs/demo.yaml"],
                          ids=lambda p: str(p.relative_to(REPO)))
 def test_config_validates(path: Path) -> None:
     config = load_config(path)

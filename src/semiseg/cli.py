@@ -120,6 +120,8 @@ def _build_parser() -> argparse.ArgumentParser:
     exp_run = exp_sub.add_parser("run", help="run (or resume) the grid")
     exp_run.add_argument("grid", type=Path)
     exp_run.add_argument("--no-progress", action="store_true")
+    exp_run.add_argument("--rows", nargs="+", default=None, metavar="ROW",
+                         help="run only these rows of the grid")
     exp_run.set_defaults(handler=_cmd_experiment_run)
     exp_status = exp_sub.add_parser("status", help="show which cells are done")
     exp_status.add_argument("grid", type=Path)
@@ -132,11 +134,20 @@ def _build_parser() -> argparse.ArgumentParser:
         "create_model(NAME, num_classes).load_state_dict(torch.load(OUT)) and gives the same "
         "logits as the official network.")
     convert.add_argument("--from", dest="kind", required=True,
-                         choices=["galoss-vnet", "dhc-vnet", "galoss-magicnet"])
+                         choices=["galoss-vnet", "dhc-vnet", "galoss-magicnet", "tak"])
     convert.add_argument("input", type=Path, help="official .pth file")
     convert.add_argument("output", type=Path, help="converted state dict (.pt)")
     convert.add_argument("--which", help="network of a multi-network checkpoint (DHC: A or B)")
+    convert.add_argument("--text-embeddings", type=Path, default=None,
+                         help="tak only: embedding file to store in the converted state dict "
+                         "(e.g. the authors' amos_embedding_shape_location.pth)")
     convert.set_defaults(handler=_cmd_convert)
+
+    from semiseg.engine.proxy_plot_cli import add_cli as add_plot_proxies_cli
+    from semiseg.knowledge.cli import add_cli as add_knowledge_cli
+
+    add_knowledge_cli(sub)
+    add_plot_proxies_cli(sub)
 
     demo = sub.add_parser("demo", help="phantom -> train -> predict -> table, on the CPU",
                           description="The built-in demo: generate the phantom abdomen, train "
@@ -211,9 +222,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment_run(args: argparse.Namespace) -> int:
-    from semiseg.engine.experiment import load_grid, run_grid
+    from semiseg.engine.experiment import load_grid, run_grid, select_rows
 
-    run_grid(load_grid(args.grid), show_progress=not args.no_progress)
+    run_grid(select_rows(load_grid(args.grid), args.rows), show_progress=not args.no_progress)
     return 0
 
 
@@ -252,6 +263,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from semiseg.models.convert import read_official_checkpoint
     from semiseg.utils.io import atomic_torch_save
 
+    if args.kind == "tak":
+        from semiseg.models.convert_tak import read_tak_checkpoint, tak_model_options
+
+        state = read_tak_checkpoint(args.input, args.text_embeddings)
+        atomic_torch_save(state, args.output)
+        options = ", ".join(f"{k}={v!r}" for k, v in tak_model_options(state).items())
+        hint = "" if "text_embeddings" in state else ", text_embeddings=E"
+        print(f"{args.output}: {len(state)} tensors; load with create_model('tak', {options}"
+              f"{hint})")
+        return 0
+    if args.text_embeddings is not None:
+        raise SemisegError("--text-embeddings applies to --from tak only")
     state = read_official_checkpoint(args.input, args.kind, args.which)
     model = "magicnet" if args.kind == "galoss-magicnet" else "vnet"
     head = state["out_conv.weight"]

@@ -82,3 +82,23 @@ def test_grid_survives_a_kill_and_does_not_redo_finished_cells(tmp_path: Path) -
     assert main(["report", str(grid_path), "--out", str(tmp_path / "report")]) == 0
     table = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
     assert "| cps " in table and "| lower " in table
+
+
+def test_a_cell_claimed_by_another_process_is_skipped_and_rows_select(tmp_path: Path,
+                                                                      capsys) -> None:
+    from semiseg.engine.experiment import _locked, run_grid, select_rows
+
+    grid = select_rows(load_grid(_grid(tmp_path, iterations=2)), ["lower"])
+    assert [row.name for row in grid.rows] == ["lower"]
+    with pytest.raises(ConfigError, match="no row named"):
+        select_rows(load_grid(_grid(tmp_path)), ["nope"])
+    claimed, free = grid_cells(grid)
+    # Another process holds seed0: this run must leave it alone and still finish seed1.
+    with _locked(claimed.run_dir.parent / f".{claimed.run_dir.name}.lock") as held:
+        assert held
+        run_grid(grid, show_progress=False)
+    assert "lower/seed0: running in another process, skipped" in capsys.readouterr().out
+    assert cell_status(claimed) == "pending"
+    assert cell_status(free) == "done"
+    manifest = json.loads((tmp_path / "runs" / "manifest.json").read_text(encoding="utf-8"))
+    assert set(manifest["cells"]) == {"lower/seed1"}

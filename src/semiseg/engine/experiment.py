@@ -20,13 +20,23 @@ finished, evaluated run is skipped; an interrupted one resumes from its last che
 one starts. Each cell is trained, then evaluated on the test split. ``manifest.json`` in the
 output folder records every cell: its exact config, status, run folder, times, and the code
 version, and ``semiseg report GRID`` builds the tables from it.
+
+Several ``semiseg experiment run GRID`` processes may work on one grid at once (one per GPU,
+``CUDA_VISIBLE_DEVICES=i``, or one per group of CPU cores): a process claims a cell with an
+exclusive lock on ``<run folder>/.cell.lock`` for as long as it trains it, and the others skip
+the claimed cell. The lock is an OS file lock, so a killed process releases it at once and a
+later run resumes the cell. Manifest updates are read-modify-write under a lock of their own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import subprocess
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,41 +172,85 @@ def read_manifest(grid: Grid) -> dict[str, Any]:
     return {"grid": grid.name, "cells": {}}
 
 
-def _record(grid: Grid, manifest: dict[str, Any], cell: Cell, **fields: Any) -> None:
-    entry = manifest["cells"].setdefault(cell.key, {})
-    entry.update({"row": cell.row, "seed": cell.seed, "ratio": cell.ratio,
-                  "run_dir": str(cell.run_dir), "config": cell.config.to_dict(), **fields})
-    manifest["grid"] = grid.name
-    manifest["grid_file"] = str(grid.path) if grid.path else None
-    atomic_write_json(_manifest_path(grid), manifest)
+@contextlib.contextmanager
+def _locked(path: Path, blocking: bool = True) -> Iterator[bool]:
+    """Hold an exclusive OS lock on ``path`` (created if needed); yields False when
+    ``blocking`` is off and another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115  (held open for the lock's lifetime)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield True
+    finally:
+        handle.close()  # closing releases the lock
+
+
+def _record(grid: Grid, cell: Cell, **fields: Any) -> None:
+    """Update the cell's manifest entry (read-modify-write under the manifest lock, so that
+    parallel grid processes do not lose each other's entries)."""
+    path = _manifest_path(grid)
+    with _locked(path.with_name(MANIFEST + ".lock")):
+        manifest = read_manifest(grid)
+        entry = manifest["cells"].setdefault(cell.key, {})
+        entry.update({"row": cell.row, "seed": cell.seed, "ratio": cell.ratio,
+                      "run_dir": str(cell.run_dir), "config": cell.config.to_dict(), **fields})
+        manifest["grid"] = grid.name
+        manifest["grid_file"] = str(grid.path) if grid.path else None
+        atomic_write_json(path, manifest)
+
+
+def select_rows(grid: Grid, rows: Sequence[str] | None) -> Grid:
+    """The grid restricted to the named rows (unknown names are an error listing the rows)."""
+    if not rows:
+        return grid
+    known = [row.name for row in grid.rows]
+    unknown = [name for name in rows if name not in known]
+    if unknown:
+        raise ConfigError(f"{grid.path or grid.name}: no row named {unknown}; rows are {known}")
+    grid.rows = [row for row in grid.rows if row.name in rows]
+    return grid
 
 
 def run_grid(grid: Grid, show_progress: bool = True) -> list[Cell]:
-    """Run (or resume) every cell of ``grid``; returns the cells."""
+    """Run (or resume) every cell of ``grid`` that no other process is running; returns the
+    cells."""
     from semiseg.engine.runs import evaluate_run
     from semiseg.engine.trainer import Trainer
 
     cells = grid_cells(grid)
-    manifest = read_manifest(grid)
     version = code_version()
     for index, cell in enumerate(cells, start=1):
-        status = cell_status(cell)
         prefix = f"[{index}/{len(cells)}] {cell.key}"
-        if status == "done":
+        if cell_status(cell) == "done":
             print(f"{prefix}: done, skipped")
-            _record(grid, manifest, cell, status="done")
+            _record(grid, cell, status="done")
             continue
-        started = time.time()
-        if status in ("pending", "partial"):
-            print(f"{prefix}: {'resuming' if status == 'partial' else 'training'}")
-            _record(grid, manifest, cell, status="running", code_version=version,
-                    started=started)
-            Trainer(cell.config, cell.run_dir, resume=status == "partial",
-                    show_progress=show_progress).fit()
-        print(f"{prefix}: evaluating")
-        evaluate_run(cell.run_dir, show_progress=show_progress)
-        _record(grid, manifest, cell, status="done", code_version=version,
-                finished=time.time(), seconds=time.time() - started)
+        with _locked(cell.run_dir.parent / f".{cell.run_dir.name}.lock", blocking=False) as mine:
+            if not mine:
+                print(f"{prefix}: running in another process, skipped")
+                continue
+            status = cell_status(cell)  # the other process may have finished it meanwhile
+            if status == "done":
+                print(f"{prefix}: done, skipped")
+                continue
+            started = time.time()
+            if status in ("pending", "partial"):
+                print(f"{prefix}: {'resuming' if status == 'partial' else 'training'}")
+                _record(grid, cell, status="running", code_version=version, started=started)
+                Trainer(cell.config, cell.run_dir, resume=status == "partial",
+                        show_progress=show_progress).fit()
+            print(f"{prefix}: evaluating")
+            evaluate_run(cell.run_dir, show_progress=show_progress)
+            _record(grid, cell, status="done", code_version=version, finished=time.time(),
+                    seconds=time.time() - started)
     return cells
 
 

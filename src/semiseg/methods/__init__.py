@@ -3,6 +3,7 @@
 from semiseg.methods import cps as _cps  # noqa: F401
 from semiseg.methods import magicnet, mean_teacher  # noqa: F401  (register methods)
 from semiseg.methods import supervised as _supervised  # noqa: F401
+from semiseg.methods import tak as _tak  # noqa: F401  (registers "tak")
 from semiseg.methods.base import (
     Batch,
     Method,
@@ -13,6 +14,7 @@ from semiseg.methods.base import (
     register_method,
     register_plugin,
 )
+from semiseg.plugins import scdl as _scdl  # noqa: F401  (registers the "scdl" plug-in)
 
 __all__ = [
     "Batch",

@@ -196,13 +196,8 @@ class MagicNetMethod(Method):
         """The six unweighted terms of one iteration (steps 1-8 of the module docstring)."""
         opts = self.options
         net = self.network
-        image, label = batch.image, batch.label.long()
-        n_lab = batch.num_labeled
+        image, label, n_lab, n_unl = split_mixed_batch(self.name, batch)
         size = image.size(0)
-        n_unl = size - n_lab
-        if n_lab == 0 or n_unl == 0:
-            raise DataError(f"{self.name}: a batch needs labeled and unlabeled crops "
-                            f"(got {n_lab} labeled, {n_unl} unlabeled)")
         s = opts.cube_size
         num_cubes = self.location_labels.numel()
 
@@ -305,3 +300,14 @@ class GAMagicNetMethod(MagicNetMethod):
     """GA-MagicNet: MagicNet with GACE (k = 10, γ = 0.5) and GADice."""
 
     Options = GAMagicNetOptions
+
+
+def split_mixed_batch(method: str, batch: Batch) -> tuple[Tensor, Tensor, int, int]:
+    """``(image, labels as int64, labeled count, unlabeled count)`` of a batch that must hold
+    both labeled and unlabeled crops (MagicNet mixes them)."""
+    n_lab = batch.num_labeled
+    n_unl = batch.image.size(0) - n_lab
+    if n_lab == 0 or n_unl == 0:
+        raise DataError(f"{method}: a batch needs labeled and unlabeled crops "
+                        f"(got {n_lab} labeled, {n_unl} unlabeled)")
+    return batch.image, batch.label.long(), n_lab, n_unl

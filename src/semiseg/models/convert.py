@@ -121,7 +121,8 @@ def unwrap_state_dict(checkpoint: Any, which: str | None = None) -> dict[str, Te
                           "tensors, possibly under 'state_dict' or 'model')")
 
 
-def _strip_wrappers(key: str) -> str:
+def strip_wrappers(key: str) -> str:
+    """``key`` without DataParallel (``module.``) and torch.compile (``_orig_mod.``) prefixes."""
     changed = True
     while changed:
         changed = False
@@ -160,7 +161,7 @@ def convert_official_state_dict(checkpoint: Any, kind: str,
     converted: dict[str, Tensor] = {}
     unexpected: list[str] = []
     for key, value in state.items():
-        ours = official_to_semiseg_key(_strip_wrappers(key), kind)
+        ours = official_to_semiseg_key(strip_wrappers(key), kind)
         if ours is None:
             unexpected.append(key)
         elif ours in converted:
