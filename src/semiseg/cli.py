@@ -108,6 +108,15 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", type=Path,
                         help="run folders (searched recursively) or experiment grid YAMLs")
     report.add_argument("--out", type=Path, required=True)
+    report.add_argument("--layout", nargs="+", choices=["table1", "per_class", "ablation"],
+                        default=None, help="tables to write (default: table1 and per_class, "
+                        "plus ablation when the runs record SCDL/TAK switches)")
+    report.add_argument("--std", choices=["auto", "always", "never"], default="auto",
+                        help="show ±std over seeds in every table (always), in none (never), or "
+                        "in table1 and ablation tables only (auto)")
+    report.add_argument("--ddof", type=int, choices=[0, 1], default=0,
+                        help="std over seeds: 0 population (DHC's evaluate_Ntimes, default), "
+                        "1 sample")
     report.set_defaults(handler=_cmd_report)
 
     experiment = sub.add_parser(
@@ -252,7 +261,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
             sources.append(path)
     if not sources:
         raise SemisegError("no evaluated runs to report (has the grid run?)")
-    outputs = write_report(sources, args.out)
+    show_std = {"auto": None, "always": True, "never": False}[args.std]
+    outputs = write_report(sources, args.out, args.layout, ddof=args.ddof, show_std=show_std)
     print(f"report written to {args.out}")
     for path in outputs if isinstance(outputs, (list, tuple)) else []:
         print(f"  {path}")

@@ -82,6 +82,19 @@ def test_grid_survives_a_kill_and_does_not_redo_finished_cells(tmp_path: Path) -
     assert main(["report", str(grid_path), "--out", str(tmp_path / "report")]) == 0
     table = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
     assert "| cps " in table and "| lower " in table
+    # Per-class layout with the sample std over the two seeds, checked against numpy.
+    import numpy as np
+
+    out = tmp_path / "report_std"
+    assert main(["report", str(grid_path), "--out", str(out), "--layout", "per_class",
+                 "--std", "always", "--ddof", "1"]) == 0
+    assert not (out / "table1.md").exists()
+    means = [json.loads((c.run_dir / "metrics.json").read_text(encoding="utf-8"))
+             ["summary"]["dice"]["mean"] for c in cells if c.row == "lower"]
+    lines = next(out.glob("per_class_dice_*.md")).read_text(encoding="utf-8").splitlines()
+    lower = next(line for line in lines if line.startswith("| lower |"))
+    all_cell = lower.split("|")[2].strip().strip("*")  # the "All" column (bold when best)
+    assert all_cell == f"{np.mean(means):.2f}±{np.std(means, ddof=1):.2f}"
 
 
 def test_a_cell_claimed_by_another_process_is_skipped_and_rows_select(tmp_path: Path,
