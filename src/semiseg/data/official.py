@@ -22,7 +22,7 @@ Facts are from the research notes (``dhc_genericssl.md`` sections 2, 9; ``galoss
     BTCV h5, ids ``0001``); arrays are (W, H, D) = (X, Y, Z) with the intensity already baked in
     (how is undocumented), so GALoss uses them as stored and so does this reader: only the
     ``ga`` (= GALoss's behaviour) and ``none`` intensities are accepted for them. AMOS:
-    ``<root>/<id>_image.npy`` / ``<id>_label.npy`` with ids ``amos_XXXX`` in (X, Y, Z) order,
+    ``<root>/<id>_image.npy`` / ``<id>_label.npy`` with ids ``amos_<NNNN>`` in (X, Y, Z) order,
     raw HU; GALoss windows them at load time and so does this reader (by default with GALoss's
     window: clip to [-125, 275], then (HU + 125) / 400).
 

@@ -377,8 +377,8 @@ _BTCV_LABEL_DIRS = {"img": "label", "imagesTr": "labelsTr"}
 
 
 def find_synapse_cases(raw_root: str | Path) -> list[CasePaths]:
-    """BTCV training cases under ``raw_root``: ``RawData/Training/img/imgXXXX.nii.gz`` with
-    ``label/labelXXXX.nii.gz`` (the Synapse download), or DHC's ``imagesTr``/``labelsTr``.
+    """BTCV training cases under ``raw_root``: ``RawData/Training/img/img<NNNN>.nii.gz`` with
+    ``label/label<NNNN>.nii.gz`` (the Synapse download), or DHC's ``imagesTr``/``labelsTr``.
     Case ids are the four digits (``0001``), as in every official split file."""
     raw_root = Path(raw_root)
     for rel in _BTCV_IMAGE_DIRS:
@@ -398,7 +398,7 @@ def find_synapse_cases(raw_root: str | Path) -> list[CasePaths]:
         if cases:
             return cases
     looked = ", ".join(str(raw_root / rel) for rel in _BTCV_IMAGE_DIRS)
-    raise DataError(f"{raw_root}: no BTCV images imgXXXX.nii.gz found (looked in {looked})")
+    raise DataError(f"{raw_root}: no BTCV images img<NNNN>.nii.gz found (looked in {looked})")
 
 
 def prepare_synapse(
@@ -439,7 +439,7 @@ def find_amos_cases(raw_root: str | Path, ct_only: bool = False) -> list[CasePat
                 raise DataError(f"{path}: no label file {label}")
             cases.append(CasePaths(match.group(1), path, label))
     if not cases:
-        raise DataError(f"{raw_root}: no AMOS images amos_XXXX.nii.gz in imagesTr/ or imagesVa/")
+        raise DataError(f"{raw_root}: no AMOS images amos_<NNNN>.nii.gz in imagesTr/ or imagesVa/")
     return cases
 
 
@@ -452,7 +452,7 @@ def prepare_amos(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Prepare AMOS22 ``imagesTr`` + ``imagesVa`` (360 labelled cases); ids ``amos_XXXX``.
+    """Prepare AMOS22 ``imagesTr`` + ``imagesVa`` (360 labelled cases); ids ``amos_<NNNN>``.
 
     ``ct_only`` drops the MRI cases (ids >= 500), which the official splits do contain."""
     cases = find_amos_cases(raw_root, ct_only)

@@ -12,6 +12,7 @@ method without editing its file.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import difflib
 from collections.abc import Callable, Iterable
@@ -86,7 +87,7 @@ class NoOptions:
     """Options of a method that has none."""
 
 
-class Method(nn.Module):
+class Method(nn.Module, abc.ABC):
     """Base class of training methods.
 
     Subclasses set ``name`` and ``Options`` (a dataclass of method options; the config's
@@ -103,9 +104,9 @@ class Method(nn.Module):
         self.options = options
 
     # -- training ---------------------------------------------------------------------------
+    @abc.abstractmethod
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
         """Return the named, *unweighted* loss terms of one batch."""
-        raise NotImplementedError
 
     def loss_weights(self, step: StepInfo) -> dict[str, float]:
         """Weights of the loss terms at ``step`` (ramp-ups live here); missing names -> 1."""
@@ -120,9 +121,9 @@ class Method(nn.Module):
         return [{"params": params, "weight_decay": weight_decay}]
 
     # -- inference --------------------------------------------------------------------------
+    @abc.abstractmethod
     def inference_network(self) -> nn.Module:
         """The network whose logits are evaluated (student, or one of two co-trained nets)."""
-        raise NotImplementedError
 
     def train(self, mode: bool = True) -> Method:
         super().train(mode)
