@@ -1,6 +1,7 @@
 """Training methods. Importing this package registers every built-in method and plug-in."""
 
 from semiseg.methods import cps as _cps  # noqa: F401
+from semiseg.methods import dhc as _dhc  # noqa: F401
 from semiseg.methods import magicnet, mean_teacher  # noqa: F401  (register methods)
 from semiseg.methods import supervised as _supervised  # noqa: F401
 from semiseg.methods import tak as _tak  # noqa: F401  (registers "tak")

@@ -1,0 +1,189 @@
+"""DHC: dual-debiased heterogeneous co-training (Wang & Li, MICCAI 2023; ``xmed-lab/DHC``
+``code/train_dhc.py``).
+
+Two VNets of the same architecture (both Kaiming-initialised, drawn one after the other, so
+they differ in their random init) see the same 2 labeled + 2 unlabeled batch. What makes them
+"heterogeneous" is their class weighting (:mod:`semiseg.losses.dhc`):
+
+* network A is weighted by **DiffDW**, updated every iteration from A's hard Dice on the
+  labeled crops;
+* network B is weighted by **DistDW**, updated every iteration from the class histogram of
+  B's argmax on the unlabeled crops (momentum 0.99).
+
+Per iteration, with ``ŷ = argmax z`` over the whole batch (labeled crops included)::
+
+    L = DCCE_{w_A}(z_A^l, y) + DCCE_{w_B}(z_B^l, y)
+        + λ(e) [ CE_{w_A}(z_A, ŷ_B) + CE_{w_B}(z_B, ŷ_A) ]
+
+where DCCE_w is the batch soft Dice (no background, class Dice times w_c) plus the w-weighted
+cross entropy, and λ(e) = 0.1 exp(-5 (1 - min(e, E) / E)²) with e the official epoch index
+(one epoch = one pass over the unlabeled cases in batches of 2 = ceil(U / 2) iterations) and E
+the official ``max_epoch`` (the loop runs epochs 0..E). The official loop recomputes λ after
+each epoch from that epoch's index, so epochs 0 and 1 both use λ(0) and epoch k uses λ(k-1)
+(``rampup_lag``).
+
+Inference averages the two networks' logits (official ``test.py --cps AB``), as for CPS.
+
+Deviations from the official code (all documented in ``docs/methods/dhc.md``):
+
+* DistDW's initial weights come from the whole labeled training volumes officially; a method
+  does not see the volumes here, so by default they come from the labeled crops of the first
+  training batch (``dist_init_counts`` takes the official whole-volume histogram when known).
+  With momentum 0.99 the initial value fades within a few hundred iterations.
+* A weighted cross entropy whose target voxels all have weight 0 is 0 here (NaN officially,
+  where AMP's GradScaler then skips the iteration; see
+  :func:`semiseg.losses.dhc.weighted_cross_entropy`).
+* The learning rate follows semiseg's per-iteration poly schedule instead of the official
+  per-epoch one, and there is no early stopping (the best validation checkpoint is kept).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from semiseg.errors import ConfigError
+from semiseg.losses.dhc import (
+    DiffDW,
+    DistDW,
+    class_histogram,
+    weighted_cross_entropy,
+    weighted_dice_ce,
+)
+from semiseg.methods.base import Batch, Method, MethodContext, StepInfo, register_method
+from semiseg.methods.cps import LogitAverage, init_weights, sigmoid_rampup
+from semiseg.models import create_model
+
+
+@dataclass
+class DHCOptions:
+    """Options of ``dhc``; defaults are the official ``train_dhc.py`` run (README command)."""
+
+    consistency: float = 0.1  # -w (README 0.1; the script's default 1 is never used)
+    # Ramp-up length in official epochs; 0 = max_epoch (official: -cr None -> max_epoch).
+    rampup_epochs: float = 0.0
+    # λ of epoch k is λ(k - 1) (official: recomputed after each epoch); false: λ(k).
+    rampup_lag: bool = True
+    # Iterations per official epoch (ceil(U / 2)); 0 = half the trainer's epoch, which is
+    # ceil(U / 2) for the 2 labeled + 2 unlabeled batch. max_epoch E = max_iterations /
+    # epoch_iterations - 1 (the official loop runs E + 1 epochs).
+    epoch_iterations: int = 0
+    dist_momentum: float = 0.99  # DistDW EMA (train_dhc.py; class default 0.95)
+    # DistDW initial histogram (voxel count per class of the labeled training volumes, as the
+    # official init_weights computes it); null = the labeled crops of the first batch.
+    dist_init_counts: list[float] | None = None
+    diff_accumulate_iters: float = 50.0  # DiffDW K, momentum (K - 1) / K (class default 20)
+    diff_power: float = 0.2  # DiffDW exponent 1/5
+    diff_normalize: bool = True  # DHC: C w / max w; false = GenericSSL's Difficulty
+    # Official --sup_loss: w_ce+dice (weights in Dice and CE), wce+dice, ce+dice.
+    sup_loss: Literal["w_ce+dice", "wce+dice", "ce+dice"] = "w_ce+dice"
+    cps_loss: Literal["wce", "ce"] = "wce"  # official --cps_loss
+    init_a: Literal["kaiming", "xavier", "default"] = "kaiming"  # both Kaiming officially
+    init_b: Literal["kaiming", "xavier", "default"] = "kaiming"
+
+    def __post_init__(self) -> None:
+        # ValueError is reported by the config loader as a ConfigError naming method.options.
+        if self.consistency < 0:
+            raise ValueError(f"consistency must be >= 0, got {self.consistency}")
+        if self.rampup_epochs < 0 or self.epoch_iterations < 0:
+            raise ValueError("rampup_epochs and epoch_iterations must be >= 0")
+        if not 0.0 <= self.dist_momentum < 1.0:
+            raise ValueError(f"dist_momentum must be in [0, 1), got {self.dist_momentum}")
+        if self.diff_accumulate_iters < 1.0:
+            raise ValueError(
+                f"diff_accumulate_iters must be >= 1, got {self.diff_accumulate_iters}")
+        if self.diff_power <= 0:
+            raise ValueError(f"diff_power must be > 0, got {self.diff_power}")
+        counts = self.dist_init_counts
+        if counts is not None and (any(c < 0 for c in counts) or not any(c > 0 for c in counts)):
+            raise ValueError(f"dist_init_counts must be non-negative with a positive entry, "
+                             f"got {counts}")
+
+
+@register_method("dhc")
+class DHC(Method):
+    """Two VNets co-trained with DiffDW (A) and DistDW (B) weighted losses."""
+
+    Options = DHCOptions
+
+    def __init__(self, context: MethodContext, options: DHCOptions) -> None:
+        super().__init__(context, options)
+        c = context.num_classes
+        self.net_a = create_model(context.model_name, c, **context.model_options)
+        self.net_b = create_model(context.model_name, c, **context.model_options)
+        init_weights(self.net_a, options.init_a)
+        init_weights(self.net_b, options.init_b)
+        self.diffdw = DiffDW(c, options.diff_accumulate_iters, options.diff_power,
+                             options.diff_normalize)
+        self.distdw = DistDW(c, options.dist_momentum)
+        if options.dist_init_counts is not None:
+            if len(options.dist_init_counts) != c:
+                raise ConfigError(f"method.options.dist_init_counts has "
+                                 f"{len(options.dist_init_counts)} entries, expected {c}")
+            self.distdw.initialise(torch.tensor(options.dist_init_counts, dtype=torch.float64))
+
+    # -- schedule ---------------------------------------------------------------------------
+    def epoch_iterations(self, step: StepInfo) -> int:
+        """Iterations in one official DHC epoch (ceil(U / 2))."""
+        return self.options.epoch_iterations or max(1, math.ceil(step.iterations_per_epoch / 2))
+
+    def max_epoch(self, step: StepInfo) -> int:
+        """The official ``max_epoch`` E: the run holds E + 1 epochs."""
+        return max(1, round(step.max_iterations / self.epoch_iterations(step)) - 1)
+
+    def consistency_weight(self, step: StepInfo) -> float:
+        """λ(e) of the iteration ``step`` (see the module docstring)."""
+        epoch = step.iteration // self.epoch_iterations(step)
+        if self.options.rampup_lag:
+            epoch = max(epoch - 1, 0)
+        length = self.options.rampup_epochs or self.max_epoch(step)
+        return self.options.consistency * sigmoid_rampup(epoch, length)
+
+    def loss_weights(self, step: StepInfo) -> dict[str, float]:
+        return {"cps": self.consistency_weight(step)}
+
+    # -- losses -----------------------------------------------------------------------------
+    def _supervised(self, logits: Tensor, label: Tensor, weight: Tensor) -> Tensor:
+        kind = self.options.sup_loss
+        dice_weight = weight if kind == "w_ce+dice" else None
+        ce_weight = None if kind == "ce+dice" else weight
+        return weighted_dice_ce(logits, label, dice_weight, ce_weight)
+
+    def _cross(self, logits: Tensor, pseudo: Tensor, weight: Tensor) -> Tensor:
+        return weighted_cross_entropy(logits, pseudo,
+                                      weight if self.options.cps_loss == "wce" else None)
+
+    def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
+        n = batch.num_labeled
+        logits_a = self.net_a(batch.image)
+        logits_b = self.net_b(batch.image)
+        pseudo_a = logits_a.detach().argmax(1)
+        pseudo_b = logits_b.detach().argmax(1)
+        if not bool(self.distdw.initialised):
+            # Official: the histogram of every labeled training volume (see module docstring).
+            self.distdw.initialise(class_histogram(batch.label, self.context.num_classes))
+        # Both weightings are updated from this iteration's outputs before they weight its
+        # losses, as officially (train_dhc.py computes them, then update_weight, then losses).
+        weight_a = self.diffdw.update_from_logits(logits_a[:n], batch.label)
+        if batch.image.size(0) > n:
+            weight_b = self.distdw.update(pseudo_b[n:])
+        else:  # no unlabeled crops (never in DHC's 2 + 2 batch): keep B's weights
+            weight_b = self.distdw.weights.clone()
+        terms = {
+            "sup_dice_ce_a": self._supervised(logits_a[:n], batch.label, weight_a),
+            "sup_dice_ce_b": self._supervised(logits_b[:n], batch.label, weight_b),
+            # Cross supervision on the whole batch, labeled crops included, each network with
+            # its own class weights.
+            "cps": self._cross(logits_a, pseudo_b, weight_a)
+            + self._cross(logits_b, pseudo_a, weight_b),
+        }
+        return terms
+
+    # -- inference --------------------------------------------------------------------------
+    def inference_network(self) -> nn.Module:
+        # Built on demand so the two networks are not registered twice in the state dict.
+        return LogitAverage([self.net_a, self.net_b])
