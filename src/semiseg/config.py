@@ -105,9 +105,18 @@ class TrainConfig:
     checkpoint_every: int = 1000
     validate_every: int = 1000
     log_every: int = 10
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    # Autocast precision: "auto" = bf16 on GPUs that support it, fp32 on the CPU; "none" = fp32.
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     loss_weights: dict[str, float] = field(default_factory=dict)
     grad_clip: float = 0.0
+    # Data-parallel runs (torchrun; docs/distributed.md). batch_size is per process: the global
+    # batch is batch_size x processes; lr is used as given (no automatic scaling).
+    distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPU, else gloo
+    # BatchNorm -> SyncBatchNorm: auto = on GPU with > 1 process; false keeps per-process stats.
+    sync_batchnorm: Literal["auto", True, False] = "auto"
+    channels_last: bool = False  # channels-last-3d weights and inputs (GPU convolutions)
+    compile: bool = False  # torch.compile each network of the method
+    cudnn_benchmark: bool = True  # cuDNN autotuning (always off in experiment.deterministic)
 
 
 @dataclass

@@ -22,6 +22,13 @@ the patch side, every side is padded on both ends by ``max((patch - size) // 2 +
 of value 0 (image and label); then each start is drawn uniformly from ``0 .. size - patch - 1``
 (NumPy's exclusive upper bound: the last valid offset is never drawn). No foreground bias and no
 other augmentation (TAK: "no additional data augmentation beyond random cropping").
+
+Data-parallel training (:meth:`TrainingBatches.shard`): with W processes of ``b`` rows each
+(``l`` labelled), the global batch of iteration ``i`` is the batch a single process with
+``W*b`` rows (``W*l`` labelled) would draw, and rank ``r`` takes its labelled rows
+``r*l .. r*l+l-1`` and unlabelled rows ``r*(b-l) ..`` (stream positions and crop generators
+are those of the global rows). Ranks therefore draw different crops, and the union of their
+batches is exactly the single-process global batch.
 """
 
 from __future__ import annotations
@@ -98,6 +105,8 @@ class TrainingBatches(Dataset):
         labeled_batch_size: int,
         seed: int,
         length: int = 2**31 - 1,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.store = store
         self.labeled_ids = list(labeled_ids)
@@ -107,6 +116,8 @@ class TrainingBatches(Dataset):
         self.seed = int(seed)
         self.length = int(length)
         self.num_labeled = int(labeled_batch_size) if self.unlabeled_ids else self.batch_size
+        self.rank = int(rank)
+        self.world_size = int(world_size)
         self._check(labeled_batch_size)
 
     def _check(self, labeled_batch_size: int) -> None:
@@ -119,6 +130,9 @@ class TrainingBatches(Dataset):
             )
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank {self.rank} is not in 0..world_size-1 "
+                              f"(world_size {self.world_size})")
         if not self.labeled_ids:
             raise DataError("no labelled training cases")
         for case in [*self.labeled_ids, *self.unlabeled_ids]:
@@ -139,11 +153,23 @@ class TrainingBatches(Dataset):
         """Unlabelled rows per batch."""
         return self.batch_size - self.num_labeled if self.unlabeled_ids else 0
 
+    def shard(self, rank: int, world_size: int) -> TrainingBatches:
+        """The rows of process ``rank`` of ``world_size`` data-parallel processes, each with
+        this object's batch sizes (see the module docstring); ``shard(0, 1)`` is ``self``'s
+        batches."""
+        return TrainingBatches(self.store, self.labeled_ids, self.unlabeled_ids,
+                               self.patch_size, self.batch_size, self.num_labeled, self.seed,
+                               self.length, rank=rank, world_size=world_size)
+
     def case_ids(self, iteration: int) -> tuple[list[str], list[str]]:
         """(labelled ids, unlabelled ids) of batch ``iteration``, without loading anything."""
+        # Stream positions of the global batch (W processes x rows), this rank's slice of it.
+        global_labeled = self.num_labeled * self.world_size
+        global_unlabeled = self.num_unlabeled * self.world_size
         labeled = [
             stream_case(
-                self.labeled_ids, self.seed, LABELED_STREAM, iteration * self.num_labeled + row
+                self.labeled_ids, self.seed, LABELED_STREAM,
+                iteration * global_labeled + self.rank * self.num_labeled + row,
             )
             for row in range(self.num_labeled)
         ]
@@ -152,14 +178,22 @@ class TrainingBatches(Dataset):
                 self.unlabeled_ids,
                 self.seed,
                 UNLABELED_STREAM,
-                iteration * self.num_unlabeled + row,
+                iteration * global_unlabeled + self.rank * self.num_unlabeled + row,
             )
             for row in range(self.num_unlabeled)
         ]
         return labeled, unlabeled
 
+    def global_row(self, row: int) -> int:
+        """Row of the global batch (labelled rows of all ranks first) that local ``row`` is."""
+        if row < self.num_labeled:
+            return self.rank * self.num_labeled + row
+        return (self.world_size * self.num_labeled + self.rank * self.num_unlabeled
+                + row - self.num_labeled)
+
     def crop_rng(self, iteration: int, row: int) -> np.random.Generator:
-        return np.random.default_rng((self.seed, CROP_STREAM, iteration, row))
+        """Crop generator of local ``row`` (seeded by its global row, see :meth:`shard`)."""
+        return np.random.default_rng((self.seed, CROP_STREAM, iteration, self.global_row(row)))
 
     def __getitem__(self, iteration: int) -> dict[str, object]:
         iteration = int(iteration)

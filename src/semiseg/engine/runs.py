@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from semiseg.config import Config, build_dataclass, load_config, merge, parse_override
 from semiseg.data.classes import get_class_set
 from semiseg.engine.checkpoint import BEST, load_checkpoint
+from semiseg.engine.distributed import is_main_process
 from semiseg.engine.evaluation import (
     EvaluationResult,
     RunInfo,
@@ -39,7 +40,8 @@ def default_run_dir(config: Config) -> Path:
 def train_and_maybe_evaluate(config: Config, run_dir: Path, resume: bool = False,
                              evaluate: bool = False, show_progress: bool = True) -> TrainResult:
     result = Trainer(config, run_dir, resume=resume, show_progress=show_progress).fit()
-    if evaluate:
+    # Under torchrun only rank 0 evaluates (one writer of metrics.json).
+    if evaluate and is_main_process():
         evaluate_run(run_dir, show_progress=show_progress)
     return result
 

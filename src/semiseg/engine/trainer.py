@@ -7,6 +7,10 @@ EMA teachers. Every ``checkpoint_every`` iterations (and at the end) the complet
 written atomically to ``checkpoints/last.pt``; every ``validate_every`` iterations the
 inference network is scored on the eval cases by sliding-window Dice and the best one is kept
 as ``checkpoints/best.pt``. Logs go to ``log.csv`` and TensorBoard; progress to tqdm.
+
+Under ``torchrun`` the same loop runs data-parallel (:mod:`semiseg.engine.distributed`): each
+rank draws its slice of the global batch, DDP averages gradients, validation cases are split
+over the ranks, and only rank 0 writes files. With one process all of that is a no-op.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from semiseg.config import Config, save_config
+from semiseg.engine import distributed
 from semiseg.engine.checkpoint import (
     BEST,
     LAST,
@@ -34,11 +39,16 @@ from semiseg.engine.checkpoint import (
 )
 from semiseg.engine.inference import predict_volume
 from semiseg.engine.logging import RunLogger
-from semiseg.engine.setup import RunData, build_method_for, prepare_run_data
+from semiseg.engine.setup import (
+    RunData,
+    build_method_for,
+    iterations_per_epoch,
+    prepare_run_data,
+)
 from semiseg.errors import CheckpointError, ConfigError
 from semiseg.methods.base import Batch, Method, StepInfo
 from semiseg.utils.io import atomic_write_json
-from semiseg.utils.seed import resolve_device, seed_everything
+from semiseg.utils.seed import seed_everything
 
 
 def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -> float:
@@ -88,10 +98,29 @@ class Trainer:
     # ------------------------------------------------------------------ construction
     def _setup(self) -> None:
         cfg = self.config
+        train = cfg.train
+        self.dist = distributed.init_from_env(train.distributed_backend, cfg.experiment.device)
         seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
-        self.device = resolve_device(cfg.experiment.device)
-        self.data: RunData = prepare_run_data(cfg)
+        torch.backends.cudnn.benchmark = train.cudnn_benchmark and not cfg.experiment.deterministic
+        self.device = self.dist.device
+        # Rank 0 first: it may generate the phantom, which the others then only read.
+        with distributed.main_process_first(self.dist):
+            self.data: RunData = prepare_run_data(cfg)
+        if self.dist.is_distributed:
+            batches = self.data.batches
+            self.data.batches = batches.shard(self.dist.rank, self.dist.world_size)
+            # An "epoch" counts global batches, as a single process with the global batch.
+            world = self.dist.world_size
+            self.data.iterations_per_epoch = iterations_per_epoch(
+                len(self.data.labeled_ids), len(self.data.unlabeled_ids),
+                batches.batch_size * world, batches.num_labeled * world)
         self.method: Method = build_method_for(cfg, self.data).to(self.device)
+        if distributed.resolve_sync_batchnorm(train.sync_batchnorm, self.dist, self.method):
+            self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+        if train.channels_last:
+            self.method.to(memory_format=torch.channels_last_3d)
+        if train.compile:
+            distributed.compile_networks(self.method)
         groups = self.method.parameter_groups(cfg.train.weight_decay)
         if cfg.train.optimizer == "adamw":
             self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
@@ -101,22 +130,35 @@ class Trainer:
                                              nesterov=cfg.train.nesterov)
         for group in self.optimizer.param_groups:
             group["initial_lr"] = cfg.train.lr * group.get("lr_scale", 1.0)
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
-            cfg.train.amp]
+        self.amp_dtype = distributed.resolve_amp_dtype(cfg.train.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=cfg.train.amp == "fp16")
+                                           enabled=self.amp_dtype == torch.float16)
+        # DDP (several processes) broadcasts rank 0's weights here, EMA teachers included.
+        self._forward = distributed.wrap_for_training(
+            distributed.TrainingForward(self.method, self._weighted_total, self.device.type,
+                                        self.amp_dtype), self.dist)
+        if self.dist.rank > 0:
+            # Own dropout masks and noise per rank (rank 0 keeps the single-process stream).
+            distributed.seed_rank(cfg.experiment.seed, self.dist.rank)
         self.iteration = 0
         self.best_score = -math.inf
         self.best_iteration = -1
 
     def _checkpoint_payload(self) -> dict[str, Any]:
+        """The checkpoint contents; a collective call (gathers every rank's RNG state)."""
+        rng = rng_state()
+        extra: dict[str, Any] = {}
+        if self.dist.is_distributed:
+            extra["rng_per_rank"] = distributed.gather_objects(rng, self.dist)
         return {
             "iteration": self.iteration,
             "method_name": self.config.method.name,
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
+            "rng": rng,
+            **extra,
+            "world_size": self.dist.world_size,
             "best_score": self.best_score,
             "best_iteration": self.best_iteration,
             "config": self.config.to_dict(),
@@ -125,6 +167,15 @@ class Trainer:
             "preprocessing": self.data.store.preprocessing,
             "intensity": self.data.store.intensity,
         }
+
+    def _save(self, path: Path) -> None:
+        """Write a checkpoint from rank 0 (every rank calls this: the payload is collective)."""
+        # Per-process BatchNorm statistics: every rank keeps rank 0's, the ones written (DDP
+        # would overwrite the others' at the next forward anyway).
+        distributed.broadcast_buffers(self.method, self.dist)
+        payload = self._checkpoint_payload()
+        if self.dist.is_main:
+            save_checkpoint(path, payload)
 
     def _restore(self, path: Path) -> None:
         payload = load_checkpoint(path, map_location=self.device)
@@ -139,7 +190,14 @@ class Trainer:
         self.iteration = int(payload["iteration"])
         self.best_score = float(payload["best_score"])
         self.best_iteration = int(payload["best_iteration"])
-        restore_rng_state(payload["rng"])
+        per_rank = payload.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == self.dist.world_size:
+            restore_rng_state(per_rank[self.dist.rank])
+        elif self.dist.rank == 0:
+            restore_rng_state(payload["rng"])
+        else:
+            # Resumed with more processes than wrote the checkpoint: a fresh per-rank stream.
+            distributed.seed_rank(self.config.experiment.seed, self.dist.rank, self.iteration)
 
     # ------------------------------------------------------------------ loop
     def _batches(self) -> Iterator[Batch]:
@@ -161,16 +219,25 @@ class Trainer:
             yield Batch.from_dict(item)
 
     def _validate(self) -> float:
-        """Mean foreground Dice of the inference network on the eval cases."""
+        """Mean foreground Dice of the inference network on the eval cases (split over the
+        ranks of a data-parallel run, gathered back in case order)."""
+        # Per-process BatchNorm statistics differ by the last step; score rank 0's everywhere.
+        distributed.broadcast_buffers(self.method, self.dist)
         net = self.method.inference_network()
         inf = self.config.inference
-        scores = []
-        for case_id in self.data.split.eval:
+        cases = list(self.data.split.eval)
+        mine: dict[int, np.ndarray] = {}
+        for index in range(self.dist.rank, len(cases), self.dist.world_size):
+            case_id = cases[index]
             pred = predict_volume(net, self.data.store.image(case_id), inf.patch_size,
                                   inf.validation_stride, inf.sw_batch_size, inf.mode, self.device,
                                   self.amp_dtype)
-            scores.append(quick_dice(pred, self.data.store.label(case_id),
-                                     self.data.class_set.num_classes))
+            mine[index] = quick_dice(pred, self.data.store.label(case_id),
+                                     self.data.class_set.num_classes)
+        gathered: dict[int, np.ndarray] = {}
+        for part in distributed.gather_objects(mine, self.dist):
+            gathered.update(part)
+        scores = [gathered[index] for index in range(len(cases))]
         if not scores:
             return float("nan")
         return float(np.stack(scores).mean())
@@ -183,18 +250,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         batch = batch.to(self.device)
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype,
-                                  enabled=self.amp_dtype is not None)
-        with autocast:
-            terms = self.method.training_step(batch, step)
-        weights = self.method.loss_weights(step)
-        total = torch.zeros((), device=self.device)
+        if train.channels_last:
+            batch.image = batch.image.contiguous(memory_format=torch.channels_last_3d)
+        # Autocast, the method's step and the weighting (_weighted_total), under DDP if several
+        # processes run; the loss values to log are averaged over ranks.
+        total, terms, weights = self._forward(batch, step)
+        total_value, values = distributed.average_losses(total, terms, self.dist)
         logs: dict[str, float] = {}
-        for name, value in terms.items():
+        for name in terms:
             weight = weights.get(name, 1.0) * train.loss_weights.get(name, 1.0)
-            if weight != 0.0:
-                total = total + weight * value.float()
-            logs[f"loss/{name}"] = float(value.detach())
+            logs[f"loss/{name}"] = values[name]
             if name in weights:
                 logs[f"weight/{name}"] = weight
         unknown = set(train.loss_weights) - set(terms)
@@ -203,9 +268,9 @@ class Trainer:
                 f"train.loss_weights names {sorted(unknown)}, but method "
                 f"{self.config.method.name!r} returns {sorted(terms)}"
             )
-        if not torch.isfinite(total):
+        if not math.isfinite(total_value):
             raise FloatingPointError(
-                f"loss became {float(total)} at iteration {step.iteration}: "
+                f"loss became {total_value} at iteration {step.iteration}: "
                 f"{ {k: v for k, v in logs.items() if k.startswith('loss/')} }"
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -216,12 +281,32 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.after_step(step)
-        logs["loss/total"] = float(total.detach())
+        logs["loss/total"] = total_value
         logs["lr"] = lr
         return logs
 
+    def _weighted_total(self, terms: dict[str, torch.Tensor],
+                        step: StepInfo) -> tuple[torch.Tensor, dict[str, float]]:
+        """``sum_k w_k(step) * s_k * term_k`` (method weight x ``train.loss_weights`` scale),
+        skipping zero weights; returns it with the method's weights of this step."""
+        weights = self.method.loss_weights(step)
+        total = torch.zeros((), device=self.device)
+        for name, value in terms.items():
+            weight = weights.get(name, 1.0) * self.config.train.loss_weights.get(name, 1.0)
+            if weight != 0.0:
+                total = total + weight * value.float()
+        return total, weights
+
     def fit(self) -> TrainResult:
-        self._setup()
+        try:
+            self._setup()
+            return self._fit()
+        finally:
+            if hasattr(self, "dist"):
+                distributed.teardown(self.dist)
+
+    def _fit(self) -> TrainResult:
+        main = self.dist.is_main
         ckpt_dir = self.run_dir / "checkpoints"
         last = ckpt_dir / LAST
         if self.resume and last.exists():
@@ -233,13 +318,14 @@ class Trainer:
                 f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
                 "another --run-dir"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.run_dir / "config.yaml")
+        if main:  # rank 0 alone writes files
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.run_dir / "config.yaml")
         train = self.config.train
-        logger = RunLogger(self.run_dir, start_iteration=self.iteration)
+        logger = RunLogger(self.run_dir, start_iteration=self.iteration) if main else None
         self.method.train()
         bar = tqdm(total=train.max_iterations, initial=self.iteration,
-                   disable=not self.show_progress,
+                   disable=not (self.show_progress and main),
                    desc=f"train {self.config.method.name}", dynamic_ncols=True)
         self._write_state("running")
         timer, timed = time.perf_counter(), 0
@@ -264,21 +350,24 @@ class Trainer:
                     logs.update(self._validate_and_keep_best(ckpt_dir))
                     # Keep validation out of the per-iteration timing.
                     timer += time.perf_counter() - validation_started
-                if logs:
+                if logs and logger is not None:
                     logger.log(self.iteration, logs)
                 if self.iteration % train.checkpoint_every == 0 or done:
-                    save_checkpoint(last, self._checkpoint_payload())
+                    self._save(last)
                 if self.stop_after is not None and self.iteration >= self.stop_after:
                     break
         finally:
             bar.close()
-            logger.close()
+            if logger is not None:
+                logger.close()
         finished = self.iteration >= train.max_iterations
         if finished and self.best_iteration < 0:
             # No validation configured: the final weights are the ones to evaluate.
-            save_checkpoint(ckpt_dir / BEST, self._checkpoint_payload())
+            self._save(ckpt_dir / BEST)
             self.best_iteration = self.iteration
         self._write_state("finished" if finished else "stopped")
+        # Nobody leaves (and possibly resumes) before rank 0 has written everything.
+        distributed.barrier(self.dist)
         return TrainResult(self.run_dir, self.iteration, self.best_score, self.best_iteration)
 
     def _validate_and_keep_best(self, ckpt_dir: Path) -> dict[str, float]:
@@ -290,10 +379,12 @@ class Trainer:
         if score > self.best_score:
             self.best_score = score
             self.best_iteration = self.iteration
-            save_checkpoint(ckpt_dir / BEST, self._checkpoint_payload())
+            self._save(ckpt_dir / BEST)
         return {"val/dice": score * 100.0}
 
     def _write_state(self, status: str) -> None:
+        if not self.dist.is_main:
+            return
         atomic_write_json(self.run_dir / "state.json", {
             "status": status,
             "iteration": self.iteration,
