@@ -117,5 +117,8 @@ def build_method_for(config: Config, data: RunData | None = None,
     class_set = class_set or (data.class_set if data is not None else None)
     if class_set is None:
         raise ValueError("build_method_for needs run data or a class set")
-    return build_method(config.method.name, method_context(config, class_set),
-                        dict(config.method.options))
+    method = build_method(config.method.name, method_context(config, class_set),
+                          dict(config.method.options))
+    if data is not None:
+        method.observe_labeled_labels(data.store.label(case) for case in data.labeled_ids)
+    return method

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -114,6 +115,12 @@ class Method(nn.Module, abc.ABC):
 
     def after_step(self, step: StepInfo) -> None:
         """Called after each optimiser step (EMA teachers, running statistics)."""
+
+    def observe_labeled_labels(self, labels: Iterable[np.ndarray]) -> None:
+        """Called once before training from scratch with the label volume of every labeled
+        training case (statistics an official script computes from the whole labeled set,
+        e.g. DHC's initial DistDW histogram). Resumed runs restore such state from the
+        checkpoint instead. Default: nothing."""
 
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Optimiser parameter groups; override to give plug-in modules their own decay."""

@@ -26,10 +26,10 @@ Inference averages the two networks' logits (official ``test.py --cps AB``), as 
 
 Deviations from the official code (all documented in ``docs/methods/dhc.md``):
 
-* DistDW's initial weights come from the whole labeled training volumes officially; a method
-  does not see the volumes here, so by default they come from the labeled crops of the first
-  training batch (``dist_init_counts`` takes the official whole-volume histogram when known).
-  With momentum 0.99 the initial value fades within a few hundred iterations.
+* DistDW's initial weights come from the whole labeled training volumes, as officially: the
+  trainer hands them to :meth:`DHC.observe_labeled_labels` before training from scratch.
+  A DHC built without the run's data (unit tests, benchmarks) falls back to the labeled crops
+  of its first batch; ``dist_init_counts`` fixes the histogram by hand.
 * A weighted cross entropy whose target voxels all have weight 0 is 0 here (NaN officially,
   where AMP's GradScaler then skips the iteration; see
   :func:`semiseg.losses.dhc.weighted_cross_entropy`).
@@ -40,9 +40,11 @@ Deviations from the official code (all documented in ``docs/methods/dhc.md``):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -157,6 +159,17 @@ class DHC(Method):
         return weighted_cross_entropy(logits, pseudo,
                                       weight if self.options.cps_loss == "wce" else None)
 
+    def observe_labeled_labels(self, labels: Iterable[np.ndarray]) -> None:
+        """DistDW's initial weights from the voxel histogram of every labeled training volume,
+        as the official ``init_weights`` (unless ``dist_init_counts`` fixes them)."""
+        if self.options.dist_init_counts is not None:
+            return
+        total = torch.zeros(self.context.num_classes, dtype=torch.float64)
+        for label in labels:
+            total += class_histogram(torch.from_numpy(np.asarray(label)), self.context.num_classes)
+        if bool(total.gt(0).any()):
+            self.distdw.initialise(total)
+
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
         n = batch.num_labeled
         logits_a = self.net_a(batch.image)
@@ -164,7 +177,8 @@ class DHC(Method):
         pseudo_a = logits_a.detach().argmax(1)
         pseudo_b = logits_b.detach().argmax(1)
         if not bool(self.distdw.initialised):
-            # Official: the histogram of every labeled training volume (see module docstring).
+            # Only when the method was built without the run's data (observe_labeled_labels
+            # gives the official whole-volume histogram): the labeled crops of the first batch.
             self.distdw.initialise(class_histogram(batch.label, self.context.num_classes))
         # Both weightings are updated from this iteration's outputs before they weight its
         # losses, as officially (train_dhc.py computes them, then update_weight, then losses).

@@ -86,6 +86,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -640,6 +641,10 @@ class SCDLMethod(Method):
     def after_step(self, step: StepInfo) -> None:
         """The host's (EMA teachers average the SCDL modules with the rest of the network)."""
         self.host.after_step(step)
+
+    def observe_labeled_labels(self, labels: Iterable[np.ndarray]) -> None:
+        """The host's (e.g. DHC's initial DistDW histogram)."""
+        self.host.observe_labeled_labels(labels)
 
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """The host's groups without SCDL parameters, plus one SCDL group with
