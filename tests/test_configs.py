@@ -21,8 +21,15 @@ def test_config_validates(path: Path) -> None:
     config = load_config(path)
     prefix, host = resolve_method(config.method.name)
     get_model_factory(config.model.name)
+    options = dict(config.method.options)
     if prefix is None:
-        validate_options(host.Options, dict(config.method.options), "method.options")
+        validate_options(host.Options, options, "method.options")
+    else:  # a plug-in: only host/scdl keys, each part valid for its owner
+        from semiseg.plugins.scdl import SCDLOptions, split_options
+
+        host_options, plugin_options = split_options(options, config.method.name)
+        validate_options(host.Options, host_options, "method.options.host")
+        validate_options(SCDLOptions, plugin_options, "method.options.scdl")
     if path.parent.name in ("synapse", "amos"):
         assert config.experiment.name == f"{path.parent.name}_{path.stem}"
         assert config.data.dataset == path.parent.name
