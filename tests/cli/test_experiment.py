@@ -115,3 +115,24 @@ def test_a_cell_claimed_by_another_process_is_skipped_and_rows_select(tmp_path: 
     assert cell_status(free) == "done"
     manifest = json.loads((tmp_path / "runs" / "manifest.json").read_text(encoding="utf-8"))
     assert set(manifest["cells"]) == {"lower/seed1"}
+
+
+def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None:
+    from semiseg.engine.experiment import run_grid
+    from semiseg.errors import SemisegError
+
+    path = _grid(tmp_path, iterations=2)
+    grid = yaml.safe_load(path.read_text(encoding="utf-8"))
+    grid["seeds"] = [0]
+    grid["rows"].insert(0, {"name": "broken", "config": "base.yaml",
+                            "set": ["method.name=ga_cps", "method.options={no_such: 1}"]})
+    grid["rows"] = grid["rows"][:2]  # broken, lower
+    path.write_text(yaml.safe_dump(grid), encoding="utf-8")
+    loaded = load_grid(path)
+    with pytest.raises(SemisegError, match=r"(?s)1 cell\(s\) failed.*broken/seed0.*no_such"):
+        run_grid(loaded, show_progress=False)
+    _, lower = grid_cells(loaded)
+    assert cell_status(lower) == "done", "the cell after the broken one still ran"
+    manifest = json.loads((tmp_path / "runs" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["cells"]["broken/seed0"]["status"] == "failed"
+    assert "no_such" in manifest["cells"]["broken/seed0"]["error"]

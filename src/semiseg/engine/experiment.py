@@ -36,6 +36,7 @@ import json
 import os
 import subprocess
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ import yaml
 
 from semiseg import __version__
 from semiseg.config import Config, build_dataclass, load_config_dict, merge, parse_override
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, SemisegError
 from semiseg.utils.io import atomic_write_json
 
 MANIFEST = "manifest.json"
@@ -153,12 +154,13 @@ def code_version() -> str:
 def cell_status(cell: Cell) -> str:
     """``done`` (trained and evaluated), ``trained``, ``partial``, or ``pending``."""
     state_path = cell.run_dir / "state.json"
-    if not state_path.exists():
-        return "partial" if (cell.run_dir / "checkpoints" / "last.pt").exists() else "pending"
-    state = json.loads(state_path.read_text(encoding="utf-8")).get("status")
-    if state == "finished":
-        return "done" if (cell.run_dir / "metrics.json").exists() else "trained"
-    return "partial"
+    has_checkpoint = (cell.run_dir / "checkpoints" / "last.pt").exists()
+    if state_path.exists():
+        state = json.loads(state_path.read_text(encoding="utf-8")).get("status")
+        if state == "finished":
+            return "done" if (cell.run_dir / "metrics.json").exists() else "trained"
+    # Killed before its first checkpoint: nothing to resume, the cell starts over.
+    return "partial" if has_checkpoint else "pending"
 
 
 def _manifest_path(grid: Grid) -> Path:
@@ -221,12 +223,14 @@ def select_rows(grid: Grid, rows: Sequence[str] | None) -> Grid:
 
 def run_grid(grid: Grid, show_progress: bool = True) -> list[Cell]:
     """Run (or resume) every cell of ``grid`` that no other process is running; returns the
-    cells."""
+    cells. A cell that fails is recorded as ``failed`` (with its error) in the manifest and
+    the grid goes on; a :class:`SemisegError` listing the failed cells ends the call."""
     from semiseg.engine.runs import evaluate_run
     from semiseg.engine.trainer import Trainer
 
     cells = grid_cells(grid)
     version = code_version()
+    failed: list[str] = []
     for index, cell in enumerate(cells, start=1):
         prefix = f"[{index}/{len(cells)}] {cell.key}"
         if cell_status(cell) == "done":
@@ -242,15 +246,27 @@ def run_grid(grid: Grid, show_progress: bool = True) -> list[Cell]:
                 print(f"{prefix}: done, skipped")
                 continue
             started = time.time()
-            if status in ("pending", "partial"):
-                print(f"{prefix}: {'resuming' if status == 'partial' else 'training'}")
-                _record(grid, cell, status="running", code_version=version, started=started)
-                Trainer(cell.config, cell.run_dir, resume=status == "partial",
-                        show_progress=show_progress).fit()
-            print(f"{prefix}: evaluating")
-            evaluate_run(cell.run_dir, show_progress=show_progress)
+            try:
+                if status in ("pending", "partial"):
+                    print(f"{prefix}: {'resuming' if status == 'partial' else 'training'}")
+                    _record(grid, cell, status="running", code_version=version,
+                            started=started)
+                    Trainer(cell.config, cell.run_dir, resume=status == "partial",
+                            show_progress=show_progress).fit()
+                print(f"{prefix}: evaluating")
+                evaluate_run(cell.run_dir, show_progress=show_progress)
+            except Exception as exc:  # one broken cell must not stop a night of other cells
+                message = f"{type(exc).__name__}: {exc}"
+                print(f"{prefix}: FAILED ({message}); continuing with the next cell")
+                _record(grid, cell, status="failed", error=message,
+                        traceback=traceback.format_exc(), code_version=version)
+                failed.append(f"{cell.key}: {message}")
+                continue
             _record(grid, cell, status="done", code_version=version, finished=time.time(),
                     seconds=time.time() - started)
+    if failed:
+        raise SemisegError(f"{len(failed)} cell(s) failed (details in "
+                           f"{_manifest_path(grid)}):\n  " + "\n  ".join(failed))
     return cells
 
 
