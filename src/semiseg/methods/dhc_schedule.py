@@ -1,0 +1,54 @@
+"""Epoch bookkeeping of the ``xmed-lab/DHC`` baseline scripts (``train_cld.py``,
+``train_simis.py``, ``train_uamt.py``), shared by :mod:`~semiseg.methods.cld`,
+:mod:`~semiseg.methods.simis` and :mod:`~semiseg.methods.uamt`.
+
+The official loop zips a labeled and an unlabeled loader of batch 2, so one epoch is one pass
+over the U unlabeled cases, ``ceil(U / 2)`` iterations, and the loop runs epochs ``0..E``
+(``max_epoch`` E, i.e. E + 1 epochs). semiseg's trainer counts an epoch as ``2U / 2 = U``
+iterations (:func:`semiseg.engine.setup.iterations_per_epoch`), hence the halving below; a
+config can also pin the official count (``epoch_iterations``).
+
+The consistency weight is recomputed *after* each epoch from that epoch's index (``cps_w =
+get_current_consistency_weight(epoch_num)`` at the end of the epoch loop, starting from
+``get_current_consistency_weight(0)``), so epochs 0 and 1 both use λ(0) and epoch k uses
+λ(k - 1): ``rampup_lag``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from semiseg.methods.base import StepInfo
+from semiseg.methods.cps import sigmoid_rampup
+
+
+def official_epoch_iterations(step: StepInfo, epoch_iterations: int = 0) -> int:
+    """Iterations of one official epoch: ``epoch_iterations`` if set, else ``ceil(U / 2)``
+    derived from the trainer's epoch (U iterations for the 2 + 2 batch)."""
+    if epoch_iterations > 0:
+        return epoch_iterations
+    return max(1, math.ceil(step.iterations_per_epoch / 2))
+
+
+def official_epoch(step: StepInfo, epoch_iterations: int = 0) -> int:
+    """The official ``epoch_num`` of iteration ``step.iteration`` (0-based)."""
+    return step.iteration // official_epoch_iterations(step, epoch_iterations)
+
+
+def official_max_epoch(step: StepInfo, epoch_iterations: int = 0) -> int:
+    """The official ``max_epoch`` E of a run of ``step.max_iterations`` (it holds E + 1
+    epochs, so E = max_iterations / epoch_iterations - 1; at least 1)."""
+    per_epoch = official_epoch_iterations(step, epoch_iterations)
+    return max(1, round(step.max_iterations / per_epoch) - 1)
+
+
+def consistency_weight(step: StepInfo, maximum: float, epoch_iterations: int = 0,
+                       rampup_epochs: float = 0.0, rampup_lag: bool = True) -> float:
+    """``maximum * sigmoid_rampup(e, L)`` with e the official epoch (minus one with
+    ``rampup_lag``, floored at 0) and L = ``rampup_epochs`` or, if 0, ``max_epoch`` (the
+    official ``-cr None``)."""
+    epoch = official_epoch(step, epoch_iterations)
+    if rampup_lag:
+        epoch = max(epoch - 1, 0)
+    length = rampup_epochs or official_max_epoch(step, epoch_iterations)
+    return maximum * sigmoid_rampup(epoch, length)
