@@ -39,7 +39,6 @@ Deviations from the official code (all documented in ``docs/methods/dhc.md``):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -57,7 +56,8 @@ from semiseg.losses.dhc import (
     weighted_dice_ce,
 )
 from semiseg.methods.base import Batch, Method, MethodContext, StepInfo, register_method
-from semiseg.methods.cps import LogitAverage, init_weights, sigmoid_rampup
+from semiseg.methods.cps import LogitAverage, init_weights
+from semiseg.methods.dhc_schedule import consistency_weight, official_max_epoch
 from semiseg.models import create_model
 
 
@@ -129,21 +129,15 @@ class DHC(Method):
             self.distdw.initialise(torch.tensor(options.dist_init_counts, dtype=torch.float64))
 
     # -- schedule ---------------------------------------------------------------------------
-    def epoch_iterations(self, step: StepInfo) -> int:
-        """Iterations in one official DHC epoch (ceil(U / 2))."""
-        return self.options.epoch_iterations or max(1, math.ceil(step.iterations_per_epoch / 2))
-
     def max_epoch(self, step: StepInfo) -> int:
         """The official ``max_epoch`` E: the run holds E + 1 epochs."""
-        return max(1, round(step.max_iterations / self.epoch_iterations(step)) - 1)
+        return official_max_epoch(step, self.options.epoch_iterations)
 
     def consistency_weight(self, step: StepInfo) -> float:
         """λ(e) of the iteration ``step`` (see the module docstring)."""
-        epoch = step.iteration // self.epoch_iterations(step)
-        if self.options.rampup_lag:
-            epoch = max(epoch - 1, 0)
-        length = self.options.rampup_epochs or self.max_epoch(step)
-        return self.options.consistency * sigmoid_rampup(epoch, length)
+        opts = self.options
+        return consistency_weight(step, opts.consistency, opts.epoch_iterations,
+                                  opts.rampup_epochs, opts.rampup_lag)
 
     def loss_weights(self, step: StepInfo) -> dict[str, float]:
         return {"cps": self.consistency_weight(step)}

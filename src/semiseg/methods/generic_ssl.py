@@ -55,7 +55,7 @@ from semiseg.losses.generic_ssl import (
 )
 from semiseg.losses.segmentation import dice_ce_loss, soft_dice_loss
 from semiseg.methods.base import Batch, Method, MethodContext, StepInfo, register_method
-from semiseg.methods.cps import sigmoid_rampup
+from semiseg.methods.dhc_schedule import consistency_weight, official_max_epoch
 from semiseg.models import create_model
 from semiseg.models.diff_vnet import DiffVNet
 
@@ -223,21 +223,15 @@ class GenericSSL(Method):
         terms["unsup"] = dice_ce_loss(net.theta(image_u).float(), pseudo)
         return terms
 
-    def epoch_iterations(self, step: StepInfo) -> int:
-        """Iterations in one official epoch (floor(U / 2))."""
-        return self.options.epoch_iterations or max(1, step.iterations_per_epoch // 2)
-
     def max_epoch(self, step: StepInfo) -> int:
-        """The official ``max_epoch``: the run holds max_epoch + 1 epochs."""
-        return max(1, round(step.max_iterations / self.epoch_iterations(step)) - 1)
+        """The official ``max_epoch``: the run holds max_epoch + 1 epochs of floor(U / 2)."""
+        return official_max_epoch(step, self.options.epoch_iterations, round_up=False)
 
     def unsup_weight(self, step: StepInfo) -> float:
         """μ(e) of the iteration ``step``."""
-        epoch = step.iteration // self.epoch_iterations(step)
-        if self.options.rampup_lag:
-            epoch = max(epoch - 1, 0)
-        length = self.options.rampup_epochs or self.max_epoch(step)
-        return self.options.mu * sigmoid_rampup(epoch, length)
+        opts = self.options
+        return consistency_weight(step, opts.mu, opts.epoch_iterations, opts.rampup_epochs,
+                                  opts.rampup_lag, round_up=False)
 
     def loss_weights(self, step: StepInfo) -> dict[str, float]:
         return {"deno": 1.0, "diff": 1.0, "unsup": self.unsup_weight(step)}
