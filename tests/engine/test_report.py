@@ -196,3 +196,22 @@ def test_report_reads_nifti_predictions(tmp_path) -> None:
                            overlays=OverlayOptions(load_case, slice_index=3))
     assert [p.name for p in written if p.suffix == ".png"] == ["A_synapse_20pct_seed0_0001.png"]
     assert "case 0001" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+
+
+def test_validation_curves_are_read_from_the_log_and_plotted(tmp_path: Path) -> None:
+    import numpy as np
+
+    from semiseg.engine.plots import plot_validation_curves, read_validation_curve
+
+    log = tmp_path / "log.csv"
+    # Rows without validation leave val/dice empty; a repeated iteration keeps its last value.
+    log.write_text("iteration,loss/total,val/dice\n10,2.0,\n20,1.5,12.5\n30,1.2,\n"
+                   "40,1.0,30.0\n40,1.0,31.0\n", encoding="utf-8")
+    iterations, dice = read_validation_curve(log)
+    assert iterations.tolist() == [20, 40] and dice.tolist() == [12.5, 31.0]
+    assert read_validation_curve(tmp_path / "missing.csv") is None
+    (tmp_path / "noval.csv").write_text("iteration,loss/total\n1,2.0\n", encoding="utf-8")
+    assert read_validation_curve(tmp_path / "noval.csv") is None
+    out = plot_validation_curves({"a": [(iterations, dice), (np.array([20]), np.array([5.0]))]},
+                                 tmp_path / "curves.png", dpi=50)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

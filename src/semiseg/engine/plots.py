@@ -113,6 +113,62 @@ def plot_per_class_dice(
     return save_figure(figure, out_path, dpi)
 
 
+# ------------------------------------------------------------------------------ curves
+
+ValidationCurve = tuple[np.ndarray, np.ndarray]  # (iterations, validation Dice in %)
+
+
+def read_validation_curve(log_csv: str | Path) -> ValidationCurve | None:
+    """``(iterations, val/dice)`` of a run's ``log.csv``; None when it never validated."""
+    import csv
+
+    path = Path(log_csv)
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as handle:
+        points = [(int(row["iteration"]), float(row["val/dice"]))
+                  for row in csv.DictReader(handle) if row.get("val/dice") not in (None, "")]
+    if not points:
+        return None
+    iterations, dice = zip(*sorted(dict(points).items()), strict=True)
+    return np.asarray(iterations), np.asarray(dice)
+
+
+def plot_validation_curves(curves: dict[str, list[ValidationCurve]], out_path: str | Path,
+                           title: str = "Validation Dice during training", dpi: int = 100
+                           ) -> Path:
+    """One line per method: the mean over its seeds of the validation Dice at each validated
+    iteration (only iterations every seed reached), with a band of ±1 std; each seed as a
+    thin line, so that a slow or collapsed seed is visible."""
+    if not curves:
+        raise DataError("no validation curves to plot")
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"].colors
+    figure = Figure(figsize=(6.5, 4.0))
+    ax = figure.add_subplot()
+    for i, (method, runs) in enumerate(curves.items()):
+        color = palette[i % len(palette)]
+        for iterations, dice in runs:
+            ax.plot(iterations, dice, color=color, linewidth=0.6, alpha=0.35)
+        common = sorted(set.intersection(*(set(it.tolist()) for it, _ in runs)))
+        if not common:
+            continue
+        stacked = np.stack([[dict(zip(it.tolist(), d.tolist(), strict=True))[k] for k in common]
+                            for it, d in runs])
+        mean, std = stacked.mean(axis=0), stacked.std(axis=0)
+        ax.plot(common, mean, color=color, linewidth=1.8, label=f"{method} (n={len(runs)})")
+        ax.fill_between(common, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("validation Dice (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    ax.grid(linewidth=0.4)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, out_path, dpi)
+
+
 # ------------------------------------------------------------------------------ overlays
 
 def choose_slice(labels: np.ndarray, axis: int = 2) -> int:

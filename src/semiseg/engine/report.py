@@ -224,7 +224,12 @@ def write_report(
     record switches). ``ddof``: std over seeds (0 population, 1 sample). Raises
     :class:`DataError` (a SemisegError) naming a run folder without ``metrics.json``.
     """
-    from semiseg.engine.plots import plot_overlay, plot_per_class_dice
+    from semiseg.engine.plots import (
+        plot_overlay,
+        plot_per_class_dice,
+        plot_validation_curves,
+        read_validation_curve,
+    )
     from semiseg.utils.io import atomic_write_text
 
     out_dir = Path(out_dir)
@@ -249,6 +254,16 @@ def write_report(
             written.append(plot_per_class_dice(
                 [a for a in aggregates if a.setting == setting], out_dir / name))
             charts[setting] = name
+    curves_name = None
+    if plots:
+        curves: dict[str, list] = {}
+        for run in runs:
+            curve = read_validation_curve(run.folder / "log.csv") if run.folder else None
+            if curve is not None and run.result.run is not None:
+                curves.setdefault(run.result.run.method, []).append(curve)
+        if curves:
+            curves_name = "validation_dice.png"
+            written.append(plot_validation_curves(curves, out_dir / curves_name))
     for overlay in drawings:
         image, label, pred = overlay.volumes
         written.append(plot_overlay(image, label, pred, overlay.run.class_set,
@@ -267,6 +282,9 @@ def write_report(
         lines += [f"## {_heading(table.name)}", "", to_markdown(table), links, ""]
     for setting, name in charts.items():
         lines += [f"## Per-class Dice, {setting_title(*setting)}", "", f"![{name}]({name})", ""]
+    if curves_name:
+        lines += ["## Validation Dice during training (mean ± std over seeds; thin: each seed)",
+                  "", f"![{curves_name}]({curves_name})", ""]
     if drawings or notes:
         lines += ["## Overlays (left: ground truth, right: prediction)", ""]
         for o in drawings:
