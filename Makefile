@@ -10,6 +10,10 @@ EXTRAS ?= text,test
 
 .PHONY: demo test lint install clean-venv bench
 
+# UTF-8 I/O whatever the machine's locale (torch.compile's inductor reads its templates with
+# the default encoding and fails under LANG=C / POSIX).
+export PYTHONUTF8 := 1
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
