@@ -43,9 +43,8 @@ from semiseg.losses.cld import (
 from semiseg.losses.segmentation import dice_ce_loss, soft_dice_loss
 from semiseg.losses.simis import class_counts
 from semiseg.methods.base import Batch, Method, MethodContext, StepInfo, register_method
-from semiseg.methods.cps import LogitAverage, init_weights
-from semiseg.methods.dhc_schedule import consistency_weight
-from semiseg.models import create_model
+from semiseg.methods.cps import LogitAverage
+from semiseg.methods.dhc_schedule import check_class_counts, co_trained_pair, consistency_weight
 
 SupLoss = Literal["w_ce+dice", "wce+dice", "ce+dice"]
 
@@ -98,10 +97,7 @@ class CLDOptions:
                              f"{self.confidence_momentum}")
         if self.sampling_gamma < 0 or not 0.0 <= self.min_sampling_rate <= 1.0:
             raise ValueError("sampling_gamma must be >= 0 and min_sampling_rate in [0, 1]")
-        counts = self.class_counts
-        if counts is not None and (any(c < 0 for c in counts) or not any(c > 0 for c in counts)):
-            raise ValueError(f"class_counts must be non-negative with a positive entry, "
-                             f"got {counts}")
+        check_class_counts(self.class_counts, "class_counts")
 
 
 @register_method("cld")
@@ -115,10 +111,7 @@ class CLD(Method):
     def __init__(self, context: MethodContext, options: CLDOptions) -> None:
         super().__init__(context, options)
         c = context.num_classes
-        self.net_a = create_model(context.model_name, c, **context.model_options)
-        self.net_b = create_model(context.model_name, c, **context.model_options)
-        init_weights(self.net_a, options.init_a)
-        init_weights(self.net_b, options.init_b)
+        self.net_a, self.net_b = co_trained_pair(context, options.init_a, options.init_b)
         # Official: A's bank starts from torch.rand(C), B's from a copy of it.
         start = torch.rand(c)
         self.bank_a = ConfidenceBank(start, options.confidence_momentum, options.confidence_iters)

@@ -56,9 +56,13 @@ from semiseg.losses.dhc import (
     weighted_dice_ce,
 )
 from semiseg.methods.base import Batch, Method, MethodContext, StepInfo, register_method
-from semiseg.methods.cps import LogitAverage, init_weights
-from semiseg.methods.dhc_schedule import consistency_weight, official_max_epoch
-from semiseg.models import create_model
+from semiseg.methods.cps import LogitAverage
+from semiseg.methods.dhc_schedule import (
+    check_class_counts,
+    co_trained_pair,
+    consistency_weight,
+    official_max_epoch,
+)
 
 
 @dataclass
@@ -100,10 +104,7 @@ class DHCOptions:
                 f"diff_accumulate_iters must be >= 1, got {self.diff_accumulate_iters}")
         if self.diff_power <= 0:
             raise ValueError(f"diff_power must be > 0, got {self.diff_power}")
-        counts = self.dist_init_counts
-        if counts is not None and (any(c < 0 for c in counts) or not any(c > 0 for c in counts)):
-            raise ValueError(f"dist_init_counts must be non-negative with a positive entry, "
-                             f"got {counts}")
+        check_class_counts(self.dist_init_counts, "dist_init_counts")
 
 
 @register_method("dhc")
@@ -115,10 +116,7 @@ class DHC(Method):
     def __init__(self, context: MethodContext, options: DHCOptions) -> None:
         super().__init__(context, options)
         c = context.num_classes
-        self.net_a = create_model(context.model_name, c, **context.model_options)
-        self.net_b = create_model(context.model_name, c, **context.model_options)
-        init_weights(self.net_a, options.init_a)
-        init_weights(self.net_b, options.init_b)
+        self.net_a, self.net_b = co_trained_pair(context, options.init_a, options.init_b)
         self.diffdw = DiffDW(c, options.diff_accumulate_iters, options.diff_power,
                              options.diff_normalize)
         self.distdw = DistDW(c, options.dist_momentum)

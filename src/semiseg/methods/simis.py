@@ -35,9 +35,8 @@ from semiseg.errors import ConfigError, DataError
 from semiseg.losses.simis import SimiSWeights, class_counts, weighted_mean_cross_entropy
 from semiseg.methods.base import Batch, Method, MethodContext, StepInfo, register_method
 from semiseg.methods.cld import SupLoss, dhc_supervised_loss
-from semiseg.methods.cps import LogitAverage, init_weights
-from semiseg.methods.dhc_schedule import consistency_weight
-from semiseg.models import create_model
+from semiseg.methods.cps import LogitAverage
+from semiseg.methods.dhc_schedule import check_class_counts, co_trained_pair, consistency_weight
 
 
 @dataclass
@@ -65,10 +64,7 @@ class SimiSOptions:
             raise ValueError("consistency, rampup_epochs and epoch_iterations must be >= 0")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        counts = self.class_counts
-        if counts is not None and (any(c < 0 for c in counts) or not any(c > 0 for c in counts)):
-            raise ValueError(f"class_counts must be non-negative with a positive entry, "
-                             f"got {counts}")
+        check_class_counts(self.class_counts, "class_counts")
 
 
 @register_method("simis")
@@ -80,10 +76,7 @@ class SimiS(Method):
     def __init__(self, context: MethodContext, options: SimiSOptions) -> None:
         super().__init__(context, options)
         c = context.num_classes
-        self.net_a = create_model(context.model_name, c, **context.model_options)
-        self.net_b = create_model(context.model_name, c, **context.model_options)
-        init_weights(self.net_a, options.init_a)
-        init_weights(self.net_b, options.init_b)
+        self.net_a, self.net_b = co_trained_pair(context, options.init_a, options.init_b)
         self.weights_a = SimiSWeights(c, options.momentum)
         self.weights_b = SimiSWeights(c, options.momentum)
         if options.class_counts is not None:
