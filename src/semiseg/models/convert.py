@@ -191,17 +191,22 @@ def load_official_state_dict(network: nn.Module, checkpoint: Any, kind: str,
     return network
 
 
-def read_official_checkpoint(path: str | Path, kind: str,
-                             which: str | None = None) -> dict[str, Tensor]:
-    """Read an official ``.pth`` file and return its converted state dict."""
-    path = Path(path)
+def load_official_file(path: Path) -> Any:
+    """The object in an official ``.pth`` file, or a :class:`CheckpointError` naming it."""
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         # Official checkpoints are plain state dicts: the safe loader suffices.
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or foreign files
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+
+
+def read_official_checkpoint(path: str | Path, kind: str,
+                             which: str | None = None) -> dict[str, Tensor]:
+    """Read an official ``.pth`` file and return its converted state dict."""
+    path = Path(path)
+    payload = load_official_file(path)
     try:
         return convert_official_state_dict(payload, kind, which)
     except CheckpointError as exc:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from semiseg.errors import CheckpointError
-from semiseg.models.convert import strip_wrappers, unwrap_state_dict
+from semiseg.models.convert import load_official_file, strip_wrappers, unwrap_state_dict
 
 KIND = "tak"
 
@@ -163,12 +163,7 @@ def read_tak_checkpoint(path: str | Path, text_embeddings: str | Path | Tensor |
                         ) -> dict[str, Tensor]:
     """Read an official TAK ``.pth`` file (and optionally an embedding file) and convert it."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or foreign files
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+    payload = load_official_file(path)
     embeddings: Tensor | None = None
     if isinstance(text_embeddings, (str, Path)):
         from semiseg.knowledge.embeddings import load_embeddings
