@@ -2,6 +2,13 @@
 
     python benchmarks/inference.py                         # VNet, 256x256x144, 96^3, 32x32x16
     python benchmarks/inference.py --shape 160 160 80 --sw-batch 1 4 16
+    python benchmarks/inference.py --checkpoint runs/phantom/vnet_lower/seed0/checkpoints/best.pt \
+        --volume data/phantom_small/images/phantom0029.npy --sw-batch 1 8
+
+With ``--checkpoint`` the network is a trained run's (its patch, stride and intensity unless
+given); ``--volume`` is a prepared ``.npy`` image in stored units (HU), normalised with the
+run's intensity setting. Random weights give near-tied logits, where float rounding alone
+can flip an argmax between batch sizes; a trained network is the meaningful identity check.
 
 Prints, for each window batch size, the seconds per volume and the number of windows, and
 checks that the label maps of every batch size are identical.
@@ -22,8 +29,10 @@ def main() -> None:
     parser.add_argument("--model", default="vnet")
     parser.add_argument("--num-classes", type=int, default=14)
     parser.add_argument("--shape", type=int, nargs=3, default=[256, 256, 144])
-    parser.add_argument("--patch", type=int, nargs=3, default=[96, 96, 96])
-    parser.add_argument("--stride", type=int, nargs=3, default=[32, 32, 16])
+    parser.add_argument("--patch", type=int, nargs=3, default=None, help="default 96^3")
+    parser.add_argument("--stride", type=int, nargs=3, default=None, help="default 32 32 16")
+    parser.add_argument("--checkpoint", help="a run's checkpoint (default: random weights)")
+    parser.add_argument("--volume", help="prepared .npy image (default: random volume)")
     parser.add_argument("--sw-batch", type=int, nargs="+", default=[4])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="auto")
@@ -37,8 +46,29 @@ def main() -> None:
                           if args.device == "auto" else args.device)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     torch.manual_seed(0)
-    net = create_model(args.model, args.num_classes).to(device).eval()
-    volume = np.random.default_rng(0).random(args.shape, dtype=np.float32)
+    patch, stride = args.patch or [96, 96, 96], args.stride or [32, 32, 16]
+    if args.checkpoint:
+        from pathlib import Path
+
+        from semiseg.engine.runs import load_inference_network
+
+        net, config = load_inference_network(Path(args.checkpoint), device)
+        patch = args.patch or list(config.inference.patch_size)
+        stride = args.stride or list(config.inference.stride)
+        args.model = f"{config.model.name} ({args.checkpoint})"
+    else:
+        net = create_model(args.model, args.num_classes).to(device).eval()
+    if args.volume:
+        from semiseg.data.store import apply_intensity
+
+        if not args.checkpoint:
+            parser.error("--volume needs --checkpoint (its intensity setting)")
+        volume = apply_intensity(np.load(args.volume).astype(np.float32),
+                                 config.data.intensity)
+        args.shape = list(volume.shape)
+    else:
+        volume = np.random.default_rng(0).random(args.shape, dtype=np.float32)
+    args.patch, args.stride = patch, stride
     windows = int(np.prod([
         int(np.ceil(max(s - p, 0) / st)) + 1 for s, p, st in zip(args.shape, args.patch,
                                                                   args.stride)]))

@@ -27,7 +27,8 @@ import time
 
 DEFAULT_METHODS = ["supervised", "cps", "ga_cps", "mean_teacher", "magicnet", "ga_magicnet",
                    "scdl_ga_cps:cdba_only", "scdl_ga_cps", "scdl_ga_magicnet:cdba_only",
-                   "scdl_ga_magicnet", "tak"]
+                   "scdl_ga_magicnet", "tak", "dhc", "scdl_dhc", "generic_ssl", "scdl_generic_ssl",
+                   "cld", "simis", "uamt"]
 VARIANTS: dict[str, dict] = {
     "": {},
     "cdba_only": {"scdl": {"sac": False}},
@@ -38,6 +39,8 @@ VARIANTS: dict[str, dict] = {
 def _model_name(method_name: str) -> str:
     if method_name == "tak":
         return "tak"
+    if method_name.endswith("generic_ssl"):  # GenericSSL's diffusion VNet (DiffVNet)
+        return "diff_vnet"
     return "magicnet" if method_name.endswith("magicnet") else "vnet"
 
 
@@ -59,7 +62,8 @@ def _measure(spec: str, patch: int, batch: int, labeled: int, iters: int, warmup
     model_name = _model_name(method_name)
     model_options: dict = {"n_filters": n_filters}
     host_options: dict = {}
-    if model_name != "vnet":  # the official 3x3x3 magic cube; instance norm needs cubes >= 32
+    # The official 3x3x3 magic cube; instance norm needs cubes >= 32.
+    if model_name in ("magicnet", "tak"):
         host_options["cube_size"] = cube or patch // 3
         if host_options["cube_size"] < 32:
             model_options["normalization"] = "batchnorm"

@@ -249,3 +249,19 @@ def test_trainer_runs_tak_and_rebuilds_it_from_the_checkpoint(embedding_file: Pa
     x = torch.rand(1, 1, P, P, P)
     with torch.no_grad():
         assert network(x).shape == (1, 14, P, P, P)
+
+
+def test_head_calibration_runs_on_the_first_iteration_only(embedding_file: Path) -> None:
+    method = _method(embedding_file, head_calibration=True)
+    initial = method.network.controller.weight.detach().clone()
+    _run(method, 5)  # a resumed run (iteration > 0) keeps its controller
+    assert torch.equal(method.network.controller.weight, initial)
+    fresh = _method(embedding_file, head_calibration=True)
+    _run(fresh, 0)
+    assert not torch.equal(fresh.network.controller.weight, initial)
+    for net in (fresh.network, fresh.teacher.network):
+        with torch.no_grad():
+            image = _batch().image
+            params = net.head_parameters(net.image_feature(net.encode(image)),
+                                         net.text_condition())
+        assert params[..., :64].std().item() == pytest.approx(1 / 24 ** 0.5, rel=1e-3)

@@ -220,3 +220,25 @@ def test_conversion_errors_name_the_keys() -> None:
         convert_tak_state_dict(official, torch.zeros(2, 3, 5))
     with pytest.raises(CheckpointError, match="no state dict"):
         convert_tak_state_dict({"epoch": 3})
+
+
+def test_calibrate_head_sets_generated_weight_scale_and_keeps_buffers() -> None:
+    net = _tiny(classes=3, normalization="batchnorm")
+    image = torch.rand(2, 1, 32, 32, 32)
+    buffers = {k: v.clone() for k, v in net.named_buffers()}
+    controller = net.controller.weight.clone(), net.controller.bias.clone()
+    before = net.calibrate_head(image)
+    # The generated W1, W2, W3 now have PyTorch's static-conv std 1/sqrt(3h), h = 8.
+    with torch.no_grad():
+        params = net.head_parameters(net.image_feature(net.encode(image)), net.text_condition())
+    for k, v in net.named_buffers():  # restore the running stats the check forward moved
+        v.copy_(buffers[k])
+    w1, w2, w3, b1, b2, b3 = split_head_parameters(params)
+    for w in (w1, w2, w3):
+        assert w.std().item() == pytest.approx(1 / (3 * 8) ** 0.5, rel=1e-4)
+    # Each group's rows were multiplied by target / measured std; bias rows untouched.
+    scale = (1 / (3 * 8) ** 0.5) / before["W1"]
+    assert torch.allclose(net.controller.weight[:64], controller[0][:64] * scale)
+    assert torch.allclose(net.controller.bias[:64], controller[1][:64] * scale)
+    assert torch.equal(net.controller.weight[136:], controller[0][136:])
+    assert all(torch.equal(v, buffers[k]) for k, v in net.named_buffers())

@@ -118,9 +118,13 @@ class TAKOptions(GAMagicNetOptions):
     entropy_rampup_epochs: float = 100.0
     # -- host differences of the official TAK script --
     rampup_unit: Literal["epoch", "iteration"] = "epoch"  # λ_u = 0.1 sigmoid_rampup(epoch, 160)
+    # In epochs with rampup_unit "epoch"; with "iteration" it is the host's length in units of
+    # rampup_interval iterations (GA-MagicNet: 200), so set both when switching the unit.
     rampup_length: float = 160.0
     pseudo_cube_decoder: Literal["teacher", "student"] = "teacher"
     pseudo_cube_head: Literal["per_cube", "reassembled"] = "per_cube"
+    # -- not in the paper or the official code --
+    head_calibration: bool = False  # rescale the controller on the first batch (calibrate_head)
 
 
 def _check_tak_options(opts: TAKOptions) -> None:
@@ -253,6 +257,8 @@ class TAKMethod(GAMagicNetMethod):
         s = opts.cube_size
         num_cubes = self.location_labels.numel()
         contrast = self.contrast_active(step)
+        if opts.head_calibration and step.iteration == 0:  # a resumed run is past it
+            self.calibrate_head(image)
         scale_text = net.text_scale_embeddings()
         text = net.text_condition(scale_text)
 
@@ -327,6 +333,13 @@ class TAKMethod(GAMagicNetMethod):
         else:
             terms["contrast"] = torch.zeros((), device=image.device)
         return terms
+
+    def calibrate_head(self, image: Tensor) -> dict[str, float]:
+        """:meth:`TAKNet.calibrate_head` on the student; the teacher's controller gets the same
+        scaling (it is an independent network, so its own statistics are measured too)."""
+        measured = self.network.calibrate_head(image)
+        self.teacher.network.calibrate_head(image)
+        return measured
 
     def _tak_pseudo_cube_logits(self, cube_features: list[Tensor], text: Tensor, n_lab: int,
                                 n_unl: int, num_cubes: int) -> Tensor:

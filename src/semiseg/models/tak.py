@@ -244,6 +244,42 @@ class TAKNet(MagicNet):
                           text[None].expand(b, c, -1)], dim=-1)
         return self.controller(pair)
 
+    @torch.no_grad()
+    def calibrate_head(self, image: Tensor) -> dict[str, float]:
+        """Rescale the controller so the generated head weights start at a static conv's scale.
+
+        Not in the paper or the official code (option ``head_calibration`` of method ``tak``,
+        off by default). With PyTorch's default initialisation (the official one) the
+        generated W1, W2, W3 have a standard deviation near 0.06, a third of what PyTorch gives
+        a static 1x1x1 convolution of the same fan-in h (``1/sqrt(3h)``, 0.204 for h = 8), and
+        the three stacked products leave the initial logits hundreds of times flatter over
+        voxels than MagicNet's static head (``benchmarks/tak_head_init.py``). Here the
+        controller rows of each generated weight tensor (weights and bias of those rows) are
+        multiplied by ``1/sqrt(3h) / std``, with ``std`` measured on ``image`` (the first
+        training batch); the rows of the generated biases stay as they are. Normalisation
+        buffers (batch-norm running statistics) are restored afterwards, so the only change is
+        the controller's scale. Returns the measured standard deviations before rescaling.
+        """
+        buffers = {name: value.clone() for name, value in self.named_buffers()}
+        features = self.encode(image)
+        params = self.head_parameters(self.image_feature(features), self.text_condition())
+        for name, value in self.named_buffers():
+            value.copy_(buffers[name])
+        h = self.head_channels
+        target = 1.0 / math.sqrt(3 * h)
+        sizes = [h * h, h * h, h]  # W1, W2, W3: fan-in h each; the biases follow them
+        measured: dict[str, float] = {}
+        start = 0
+        for name, size in zip(("W1", "W2", "W3"), sizes):
+            rows = slice(start, start + size)
+            std = float(params[..., rows].std())
+            measured[name] = std
+            if std > 0:
+                self.controller.weight[rows] *= target / std
+                self.controller.bias[rows] *= target / std
+            start += size
+        return measured
+
     def head(self, feature: Tensor, features: Sequence[Tensor] | None = None,
              text: Tensor | None = None) -> Tensor:
         """Logits from the last decoder feature ``feature`` and the encoder features
