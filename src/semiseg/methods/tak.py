@@ -339,6 +339,12 @@ class TAKMethod(GAMagicNetMethod):
         scaling (it is an independent network, so its own statistics are measured too)."""
         measured = self.network.calibrate_head(image)
         self.teacher.network.calibrate_head(image)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Each rank measured its own slice of the batch; DDP only syncs parameters at
+            # construction, so every rank takes rank 0's scaling to stay identical.
+            for net in (self.network, self.teacher.network):
+                for tensor in (net.controller.weight, net.controller.bias):
+                    torch.distributed.broadcast(tensor.data, src=0)
         return measured
 
     def _tak_pseudo_cube_logits(self, cube_features: list[Tensor], text: Tensor, n_lab: int,
