@@ -228,6 +228,8 @@ def test_calibrate_head_sets_generated_weight_scale_and_keeps_buffers() -> None:
     buffers = {k: v.clone() for k, v in net.named_buffers()}
     controller = net.controller.weight.clone(), net.controller.bias.clone()
     before = net.calibrate_head(image)
+    # Its measuring pass (train-mode batch norm) leaves the running statistics as they were.
+    assert all(torch.equal(v, buffers[k]) for k, v in net.named_buffers())
     # The generated W1, W2, W3 now have PyTorch's static-conv std 1/sqrt(3h), h = 8.
     with torch.no_grad():
         params = net.head_parameters(net.image_feature(net.encode(image)), net.text_condition())
@@ -240,4 +242,3 @@ def test_calibrate_head_sets_generated_weight_scale_and_keeps_buffers() -> None:
     assert torch.allclose(net.controller.weight[:64], controller[0][:64] * scale)
     assert torch.allclose(net.controller.bias[:64], controller[1][:64] * scale)
     assert torch.equal(net.controller.weight[136:], controller[0][136:])
-    assert all(torch.equal(v, buffers[k]) for k, v in net.named_buffers())

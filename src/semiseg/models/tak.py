@@ -57,6 +57,12 @@ def head_parameter_count(channels: int = 8) -> int:
     return 2 * channels * channels + channels + 2 * channels + 1
 
 
+def head_parameter_sizes(channels: int = 8) -> list[int]:
+    """Sizes of ``[W1, W2, W3, b1, b2, b3]`` in one class's controller output (official order)."""
+    h = channels
+    return [h * h, h * h, h, h, h, 1]
+
+
 def split_head_parameters(params: Tensor, channels: int = 8) -> tuple[Tensor, ...]:
     """Split ``[..., P]`` controller outputs into ``(W1, W2, W3, b1, b2, b3)``.
 
@@ -68,7 +74,7 @@ def split_head_parameters(params: Tensor, channels: int = 8) -> tuple[Tensor, ..
         raise ValueError(f"expected {head_parameter_count(h)} head parameters per class for "
                          f"{h} channels, got {params.size(-1)}")
     lead = params.shape[:-1]
-    w1, w2, w3, b1, b2, b3 = torch.split(params, [h * h, h * h, h, h, h, 1], dim=-1)
+    w1, w2, w3, b1, b2, b3 = torch.split(params, head_parameter_sizes(h), dim=-1)
     return (w1.reshape(*lead, h, h), w2.reshape(*lead, h, h), w3.reshape(*lead, 1, h),
             b1, b2, b3)
 
@@ -267,10 +273,10 @@ class TAKNet(MagicNet):
             value.copy_(buffers[name])
         h = self.head_channels
         target = 1.0 / math.sqrt(3 * h)
-        sizes = [h * h, h * h, h]  # W1, W2, W3: fan-in h each; the biases follow them
         measured: dict[str, float] = {}
         start = 0
-        for name, size in zip(("W1", "W2", "W3"), sizes):
+        # W1, W2, W3 (fan-in h each) lead the layout; the generated biases follow them.
+        for name, size in zip(("W1", "W2", "W3"), head_parameter_sizes(h)[:3]):
             rows = slice(start, start + size)
             std = float(params[..., rows].std())
             measured[name] = std
