@@ -105,7 +105,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     validate_every: int = 1000
     log_every: int = 10
-    # Autocast precision: "auto" = bf16 on GPUs that support it, fp32 on the CPU; "none" = fp32.
+    # Autocast precision: "auto" = fp32 everywhere (TF32 allowed on GPUs); "none" = fp32;
+    # "bf16"/"fp16" = autocast after a numerics self-check, refused on the CPU
+    # (semiseg.engine.precision, docs/distributed.md).
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     loss_weights: dict[str, float] = field(default_factory=dict)
     grad_clip: float = 0.0

@@ -29,3 +29,8 @@ class CheckpointError(SemisegError, ValueError):
 
 class MissingDependencyError(SemisegError, ImportError):
     """An optional dependency is not installed; the message says how to get it."""
+
+
+class NumericsError(SemisegError, ArithmeticError):
+    """Training arithmetic went wrong: a non-finite loss, or reduced precision that does not
+    reproduce fp32 on this device (the self-check of :mod:`semiseg.engine.precision`)."""

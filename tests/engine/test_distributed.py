@@ -40,8 +40,6 @@ WORKER = Path(__file__).with_name("_ddp_worker.py")
 # in the float32 summation order of the loss and gradient (an all-reduce of two half-batch means
 # vs one mean); measured 5e-7, while training moves the weights by 0.39. Bound: 1e-5.
 DDP_TOLERANCE = 1e-5
-# Relative bound on |loss_bf16 / loss_fp32 - 1| per iteration (see the bf16 test).
-BF16_RTOL = 5e-3
 
 
 # Voxel-mean cross entropy only: linear in the batch, so DDP equals the global batch.
@@ -200,38 +198,8 @@ def test_shards_are_the_slices_of_the_global_batch(tmp_path: Path, semi: bool) -
         whole.shard(2, 2)
 
 
-def _short_run(tmp_path: Path, amp: str) -> list[float]:
-    config = load_config(None, _overrides(tmp_path / "data", batch_size=2, **{
-        "train.amp": amp, "train.max_iterations": 3, "train.validate_every": 0,
-        "train.checkpoint_every": 3}))
-    Trainer(config, tmp_path / amp, show_progress=False).fit()
-    with open(tmp_path / amp / "log.csv", encoding="utf-8") as handle:
-        return [float(r["loss/total"]) for r in csv.DictReader(handle)]
-
-
-def test_bf16_autocast_follows_fp32(tmp_path: Path) -> None:
-    """bf16 autocast on the CPU against fp32: the per-iteration losses of a 3-step run.
-
-    Losses rather than Dice: Dice after 3 steps of a phantom run is noise, and bf16 convolutions
-    on a CPU without bf16 units run ~7x slower than fp32 (measured on AVX2), which rules out a
-    run long enough for a meaningful Dice in CI. bf16 keeps 8 mantissa bits (rounding 2^-9 ~
-    0.2 % per operation, mostly averaging out in the voxel mean); measured relative loss
-    differences: 1.4e-4, 8.4e-5, 3.0e-5. Bound: BF16_RTOL = 5e-3, while the loss itself falls
-    by 12 % over the three steps (asserted > 10x the bound, so the bound is not vacuous).
-    """
-    fp32 = _short_run(tmp_path, "none")
-    bf16 = _short_run(tmp_path, "bf16")
-    assert _short_run(tmp_path, "auto") == fp32  # auto is fp32 on the CPU
-    np.testing.assert_allclose(bf16, fp32, rtol=BF16_RTOL)
-    assert bf16 != fp32  # autocast did change the arithmetic
-    assert fp32[-1] < (1 - 10 * BF16_RTOL) * fp32[0]
-
-
 def test_switch_resolution() -> None:
     cpu = torch.device("cpu")
-    assert distributed.resolve_amp_dtype("auto", cpu) is None
-    assert distributed.resolve_amp_dtype("bf16", cpu) is torch.bfloat16
-    assert distributed.resolve_amp_dtype("none", cpu) is None
     assert distributed.resolve_backend("auto", cpu) == "gloo"
     with pytest.raises(ConfigError, match="nccl needs CUDA"):
         distributed.resolve_backend("nccl", cpu)

@@ -1,5 +1,6 @@
 """Multi-process data-parallel training (PyTorch ``DistributedDataParallel``) and the
-device-level switches of the trainer (AMP, SyncBatchNorm, channels-last, compile, cuDNN).
+device-level switches of the trainer (SyncBatchNorm, channels-last, compile); the precision
+policy lives in :mod:`semiseg.engine.precision`.
 
 ``torchrun --nproc_per_node N -m semiseg train --config CFG`` starts N processes; torchrun sets
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, and
@@ -32,7 +33,7 @@ import contextlib
 import datetime
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from semiseg.engine.objective import combine_losses
 from semiseg.errors import ConfigError
 from semiseg.utils.seed import resolve_device
 
@@ -210,19 +212,6 @@ def seed_rank(seed: int, rank: int, iteration: int = 0) -> None:
 # --------------------------------------------------------------------------- switches
 
 
-def resolve_amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype of ``train.amp``: ``auto`` = bf16 on a CUDA device that supports it,
-    fp32 (None) elsewhere; ``none`` = fp32; ``bf16`` / ``fp16`` as named."""
-    if choice == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    table = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if choice not in table:
-        raise ConfigError(f"train.amp: {choice!r} is not one of auto, none, bf16, fp16")
-    return table[choice]
-
-
 def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
@@ -269,19 +258,19 @@ def compile_networks(module: nn.Module) -> list[str]:
 class TrainingForward(nn.Module):
     """One training forward of a method as a module call, so DDP can wrap it.
 
-    ``forward(batch, step)`` runs ``method.training_step`` under autocast, then ``combine``
-    (the trainer's weighting) outside it, and returns ``(total, detached terms, method
-    weights)``. Returning the terms detached matters under DDP: it then follows only the
-    graph of ``total`` when looking for unused parameters, so a parameter used only by a term
-    weighted 0 this iteration (a loss not switched on yet) counts as unused, not as awaited.
+    ``forward(batch, step)`` runs ``method.training_step`` under autocast, then weights and
+    sums the terms with :func:`combine_losses` outside it, and returns ``(total, detached
+    terms, effective weights of the terms the method schedules)``. Returning the terms
+    detached matters under DDP: it then follows only the graph of ``total`` when looking for
+    unused parameters, so a parameter used only by a term weighted 0 this iteration (a loss not
+    switched on yet) counts as unused, not as awaited.
     """
 
-    def __init__(self, method: nn.Module,
-                 combine: Callable[[dict[str, Tensor], Any], tuple[Tensor, dict[str, float]]],
-                 device_type: str, amp_dtype: torch.dtype | None) -> None:
+    def __init__(self, method: nn.Module, scales: dict[str, float], device_type: str,
+                 amp_dtype: torch.dtype | None) -> None:
         super().__init__()
         self.method = method
-        self._combine = combine
+        self._scales = dict(scales)
         self._device_type = device_type
         self._amp_dtype = amp_dtype
 
@@ -291,8 +280,10 @@ class TrainingForward(nn.Module):
                                   enabled=self._amp_dtype is not None)
         with autocast:
             terms = self.method.training_step(batch, step)
-        total, weights = self._combine(terms, step)
-        return total, {name: value.detach() for name, value in terms.items()}, weights
+        scheduled = self.method.loss_weights(step)
+        total, effective = combine_losses(terms, scheduled, self._scales)
+        return (total, {name: value.detach() for name, value in terms.items()},
+                {name: effective[name] for name in scheduled if name in effective})
 
 
 def wrap_for_training(forward: TrainingForward, ctx: DistContext) -> nn.Module:

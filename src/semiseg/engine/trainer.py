@@ -15,6 +15,7 @@ over the ranks, and only rank 0 writes files. With one process all of that is a 
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from semiseg.config import Config, save_config
-from semiseg.engine import distributed
+from semiseg.engine import distributed, precision
 from semiseg.engine.checkpoint import (
     BEST,
     LAST,
@@ -39,13 +40,14 @@ from semiseg.engine.checkpoint import (
 )
 from semiseg.engine.inference import predict_volume
 from semiseg.engine.logging import RunLogger
+from semiseg.engine.objective import combine_losses
 from semiseg.engine.setup import (
     RunData,
     build_method_for,
     iterations_per_epoch,
     prepare_run_data,
 )
-from semiseg.errors import CheckpointError, ConfigError
+from semiseg.errors import CheckpointError, ConfigError, NumericsError
 from semiseg.methods.base import Batch, Method, StepInfo
 from semiseg.utils.io import atomic_write_json
 from semiseg.utils.seed import seed_everything
@@ -103,6 +105,9 @@ class Trainer:
         seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
         torch.backends.cudnn.benchmark = train.cudnn_benchmark and not cfg.experiment.deterministic
         self.device = self.dist.device
+        # Before the data: a refused precision should not wait for a phantom to be generated.
+        self.amp_dtype = precision.resolve_amp_dtype(train.amp, self.device)
+        precision.configure_tf32(train.amp, self.device)
         # Rank 0 first: it may generate the phantom, which the others then only read.
         with distributed.main_process_first(self.dist):
             self.data: RunData = prepare_run_data(cfg)
@@ -115,6 +120,10 @@ class Trainer:
                 len(self.data.labeled_ids), len(self.data.unlabeled_ids),
                 batches.batch_size * world, batches.num_labeled * world)
         self.method: Method = build_method_for(cfg, self.data).to(self.device)
+        self.precision_check: dict[str, object] | None = None
+        if self.amp_dtype is not None:
+            # Before DDP, compile and channels-last: the check copies the plain method.
+            self.precision_check = self._check_precision()
         if distributed.resolve_sync_batchnorm(train.sync_batchnorm, self.dist, self.method):
             self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
         if train.channels_last:
@@ -130,12 +139,11 @@ class Trainer:
                                              nesterov=cfg.train.nesterov)
         for group in self.optimizer.param_groups:
             group["initial_lr"] = cfg.train.lr * group.get("lr_scale", 1.0)
-        self.amp_dtype = distributed.resolve_amp_dtype(cfg.train.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
         # DDP (several processes) broadcasts rank 0's weights here, EMA teachers included.
         self._forward = distributed.wrap_for_training(
-            distributed.TrainingForward(self.method, self._weighted_total, self.device.type,
+            distributed.TrainingForward(self.method, cfg.train.loss_weights, self.device.type,
                                         self.amp_dtype), self.dist)
         if self.dist.rank > 0:
             # Own dropout masks and noise per rank (rank 0 keeps the single-process stream).
@@ -252,7 +260,7 @@ class Trainer:
         batch = batch.to(self.device)
         if train.channels_last:
             batch.image = batch.image.contiguous(memory_format=torch.channels_last_3d)
-        # Autocast, the method's step and the weighting (_weighted_total), under DDP if several
+        # Autocast, the method's step and the weighting (combine_losses), under DDP if several
         # processes run; the loss values to log are averaged over ranks.
         total, terms, weights = self._forward(batch, step)
         total_value, values = distributed.average_losses(total, terms, self.dist)
@@ -269,10 +277,8 @@ class Trainer:
                 f"{self.config.method.name!r} returns {sorted(terms)}"
             )
         if not math.isfinite(total_value):
-            raise FloatingPointError(
-                f"loss became {total_value} at iteration {step.iteration}: "
-                f"{ {k: v for k, v in logs.items() if k.startswith('loss/')} }"
-            )
+            raise NumericsError(precision.loss_failure_message(
+                total_value, step.iteration, values, self.amp_dtype))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if train.grad_clip > 0:
@@ -285,17 +291,30 @@ class Trainer:
         logs["lr"] = lr
         return logs
 
-    def _weighted_total(self, terms: dict[str, torch.Tensor],
-                        step: StepInfo) -> tuple[torch.Tensor, dict[str, float]]:
-        """``sum_k w_k(step) * s_k * term_k`` (method weight x ``train.loss_weights`` scale),
-        skipping zero weights; returns it with the method's weights of this step."""
-        weights = self.method.loss_weights(step)
-        total = torch.zeros((), device=self.device)
-        for name, value in terms.items():
-            weight = weights.get(name, 1.0) * self.config.train.loss_weights.get(name, 1.0)
-            if weight != 0.0:
-                total = total + weight * value.float()
-        return total, weights
+    def _check_precision(self) -> dict[str, object]:
+        """The numerics self-check of :mod:`semiseg.engine.precision` on a copy of the method,
+        with the run's first batch and every scheduled loss term switched on (the last step's
+        weights); every rank checks its own device and all stop if one fails."""
+        probe = copy.deepcopy(self.method)
+        probe.train()
+        batch = Batch.from_dict(self.data.batches[0]).to(self.device)
+        last = StepInfo(self.config.train.max_iterations - 1, self.config.train.max_iterations,
+                        self.data.iterations_per_epoch)
+        scales = self.config.train.loss_weights
+
+        def total_loss() -> torch.Tensor:
+            terms = probe.training_step(batch, last)
+            return combine_losses(terms, probe.loss_weights(last), scales)[0]
+
+        parameters = {n: p for n, p in probe.named_parameters() if p.requires_grad}
+        result = precision.measure_precision(total_loss, parameters, self.amp_dtype,
+                                             self.device, seed=self.config.experiment.seed)
+        bound = precision.BOUNDS[self.amp_dtype]
+        verdicts = distributed.gather_objects((result, result.failures(bound)), self.dist)
+        for rank_result, failures in verdicts:
+            if failures:
+                raise NumericsError(precision.precision_failure_message(rank_result, failures))
+        return result.to_dict()
 
     def fit(self) -> TrainResult:
         try:
@@ -321,6 +340,8 @@ class Trainer:
         if main:  # rank 0 alone writes files
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / "config.yaml")
+            if self.precision_check is not None:
+                atomic_write_json(self.run_dir / "precision_check.json", self.precision_check)
         train = self.config.train
         logger = RunLogger(self.run_dir, start_iteration=self.iteration) if main else None
         self.method.train()
@@ -356,6 +377,9 @@ class Trainer:
                     self._save(last)
                 if self.stop_after is not None and self.iteration >= self.stop_after:
                     break
+        except NumericsError:
+            self._write_state("failed")
+            raise
         finally:
             bar.close()
             if logger is not None:
