@@ -117,6 +117,10 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("--ddof", type=int, choices=[0, 1], default=0,
                         help="std over seeds: 0 population (DHC's evaluate_Ntimes, default), "
                         "1 sample")
+    report.add_argument("--paired", metavar="BASELINE",
+                        help="also compare every method with BASELINE (a method name) seed by "
+                        "seed: per-seed differences, mean and 95%% t-interval of mean / large "
+                        "/ small Dice and ASD, a table and a plot per setting")
     report.set_defaults(handler=_cmd_report)
 
     experiment = sub.add_parser(
@@ -262,7 +266,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not sources:
         raise SemisegError("no evaluated runs to report (has the grid run?)")
     show_std = {"auto": None, "always": True, "never": False}[args.std]
-    outputs = write_report(sources, args.out, args.layout, ddof=args.ddof, show_std=show_std)
+    outputs = write_report(sources, args.out, args.layout, ddof=args.ddof, show_std=show_std,
+                           paired=args.paired)
     print(f"report written to {args.out}")
     for path in outputs if isinstance(outputs, (list, tuple)) else []:
         print(f"  {path}")

@@ -49,6 +49,10 @@ class PhantomConfig:
     shape: Triple = (112, 112, 80)
     class_set: str = "synapse"
     seed: int = 0
+    noise_hu: float = 12.0  # standard deviation of the scanner noise added to every case
+    # Scales every between-case spread (body size, organ placement, size and rotation,
+    # deformation, tissue intensities, contrast enhancement); 1 = the default phantom.
+    variability: float = 1.0
 
 
 @dataclass

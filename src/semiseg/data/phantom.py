@@ -295,15 +295,21 @@ def _elliptic_cylinder(
 class _Anatomy:
     """Draws one case onto a canvas; ``labels`` maps organ names to the class set's ids."""
 
-    def __init__(self, canvas: _Canvas, rng: np.random.Generator, labels: dict[str, int]) -> None:
+    def __init__(self, canvas: _Canvas, rng: np.random.Generator, labels: dict[str, int],
+                 variability: float = 1.0) -> None:
         self.c = canvas
         self.rng = rng
         self.labels = labels
-        self.scale = float(rng.uniform(0.92, 1.08))  # body habitus, scales in-plane positions
-        self.tissue = {k: v + float(rng.normal(0.0, 6.0)) for k, v in HU.items()}
-        enhancement = float(rng.uniform(0.85, 1.15))  # contrast timing varies between scans
+        # ``variability`` scales every between-case spread below (1 = the default phantom; the
+        # random draws are the same, only their amplitudes change).
+        self.v = v = variability
+        # Body habitus, scales in-plane positions.
+        self.scale = float(rng.uniform(1.0 - 0.08 * v, 1.0 + 0.08 * v))
+        self.tissue = {k: val + float(rng.normal(0.0, 6.0 * v)) for k, val in HU.items()}
+        # Contrast timing varies between scans (kept above a third of the nominal enhancement).
+        enhancement = max(float(rng.uniform(1.0 - 0.15 * v, 1.0 + 0.15 * v)), 0.3)
         for key in ("aorta", "ivc", "portal", "kidney_cortex"):
-            self.tissue[key] = HU[key] * enhancement + float(rng.normal(0.0, 5.0))
+            self.tissue[key] = HU[key] * enhancement + float(rng.normal(0.0, 5.0 * v))
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -312,19 +318,21 @@ class _Anatomy:
 
     def at(self, u: float, v: float, w: float, jitter: float = 4.0) -> Vec3:
         """A jittered position; in-plane coordinates follow the body size."""
+        jitter *= self.v
         j = self.rng.normal(0.0, jitter, 3).clip(-2.5 * jitter, 2.5 * jitter)
         return (u * self.scale + j[0], v * self.scale + j[1], w + j[2])
 
     def size(self, *semi: float, spread: float = 0.08) -> Vec3:
+        spread = min(spread * self.v, 0.6)
         f = self.rng.uniform(1.0 - spread, 1.0 + spread, 3)
         return (semi[0] * f[0] * self.scale, semi[1] * f[1] * self.scale, semi[2] * f[2])
 
     def angles(self, u: float = 0.0, v: float = 0.0, w: float = 0.0, jitter: float = 6.0) -> Vec3:
-        j = np.deg2rad(self.rng.normal(0.0, jitter, 3))
+        j = np.deg2rad(self.rng.normal(0.0, jitter * self.v, 3))
         return (np.deg2rad(u) + j[0], np.deg2rad(v) + j[1], np.deg2rad(w) + j[2])
 
     def path(self, points: Sequence[Vec3], jitter: float = 3.0) -> list[Vec3]:
-        shift = self.rng.normal(0.0, jitter, 3)
+        shift = self.rng.normal(0.0, jitter * self.v, 3)
         return [
             (p[0] * self.scale + shift[0], p[1] * self.scale + shift[1], p[2] + shift[2])
             for p in points
@@ -643,6 +651,7 @@ def generate_case(
     spacing: Sequence[float] | None = None,
     class_set: ClassSet = SYNAPSE,
     noise_hu: float = 12.0,
+    variability: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, Spacing3]:
     """One synthetic abdominal CT: (image float32 HU, label uint8, spacing), arrays (X, Y, Z).
 
@@ -651,7 +660,14 @@ def generate_case(
     an explicit spacing the field of view is centred the same way and may cut organs off.
     Labels follow ``class_set`` (organs it does not list, e.g. the duodenum for Synapse, are
     drawn but labelled background). ``noise_hu`` is the standard deviation of the added noise.
+    ``variability`` scales every between-case spread (body size, organ position, size and
+    rotation jitter, deformation amplitude, tissue intensity offsets, contrast enhancement);
+    1 is the default phantom, larger values make a cohort whose cases differ more.
     """
+    if not variability >= 0:
+        raise ConfigError(f"phantom variability must be >= 0, got {variability}")
+    if not noise_hu >= 0:
+        raise ConfigError(f"phantom noise_hu must be >= 0, got {noise_hu}")
     # scipy's gaussian_filter is the partial-volume blur; everything else is plain NumPy.
     from scipy.ndimage import gaussian_filter
 
@@ -664,9 +680,10 @@ def generate_case(
     labels = _label_ids(class_set)
     rng = np.random.default_rng(seed)
     origin = _grid_origin(shape3, spacing3, class_set)
-    canvas = _Canvas(shape3, spacing3, origin, rng, deformation_mm=float(rng.uniform(3.0, 7.0)))
+    deformation = float(rng.uniform(3.0, 7.0)) * variability
+    canvas = _Canvas(shape3, spacing3, origin, rng, deformation_mm=deformation)
     pelvis = bool(_PELVIC_ORGANS & set(class_set.names))
-    anatomy = _Anatomy(canvas, rng, labels)
+    anatomy = _Anatomy(canvas, rng, labels, variability)
     anatomy.draw(pelvis, w_low=-200.0 if pelvis else -110.0)
     # Partial-volume blur (0.6 voxel) then scanner noise.
     image = gaussian_filter(canvas.hu, sigma=0.6, mode="nearest")
@@ -692,6 +709,8 @@ def generate_dataset(
     spacing: Sequence[float] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    noise_hu: float = 12.0,
+    variability: float = 1.0,
 ) -> Path:
     """Write ``num_cases`` phantom cases to ``out_root`` in the prepared (semiseg) layout.
 
@@ -714,13 +733,18 @@ def generate_dataset(
             "shape": [int(s) for s in shape],
             "seed": int(seed),
             "spacing": [float(s) for s in spacing] if spacing is not None else None,
+            # Recorded only when not the default, so folders made before these knobs existed
+            # keep matching the default phantom.
+            **({"noise_hu": float(noise_hu)} if noise_hu != 12.0 else {}),
+            **({"variability": float(variability)} if variability != 1.0 else {}),
         },
     }
     writer = CaseWriter(out_root, "phantom", class_set, preprocessing, overwrite=overwrite)
     ids = phantom_case_ids(num_cases)
     todo = [(i, case_id) for i, case_id in enumerate(ids) if not writer.done(case_id)]
     for i, case_id in tqdm(todo, desc="phantom", unit="case", disable=not progress):
-        image, label, case_spacing = generate_case((seed, i), shape, spacing, class_set)
+        image, label, case_spacing = generate_case((seed, i), shape, spacing, class_set,
+                                                   noise_hu=noise_hu, variability=variability)
         affine = phantom_affine(image.shape, case_spacing, class_set)
         record = {
             "profile": params.name,

@@ -23,6 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from semiseg.engine.evaluation import METRICS_FILENAME, EvaluationResult, read_metrics
+from semiseg.engine.paired import (
+    comparisons_to_json,
+    paired_comparisons,
+    paired_table,
+    plot_paired,
+)
 from semiseg.engine.tables import (
     LAYOUTS,
     MethodAggregate,
@@ -215,13 +221,16 @@ def write_report(
     plots: bool = True,
     overlays: OverlayOptions | None = None,
     title: str = "semiseg report",
+    paired: str | None = None,
 ) -> list[Path]:
     """Write the report of ``sources`` into ``out_dir``; return the files written.
 
     ``sources``: run folders (holding ``metrics.json``, or run folders below them), paths of
     ``metrics.json`` files, or :class:`EvaluationResult` objects. ``layout``: ``table1``,
     ``per_class``, ``ablation`` or a list; default table1 + per_class (+ ablation when runs
-    record switches). ``ddof``: std over seeds (0 population, 1 sample). Raises
+    record switches). ``ddof``: std over seeds (0 population, 1 sample). ``paired``: a
+    baseline method; adds the per-seed differences of every other method against it with 95 %
+    t-intervals (:mod:`semiseg.engine.paired`: table, JSON and a plot per setting). Raises
     :class:`DataError` (a SemisegError) naming a run folder without ``metrics.json``.
     """
     from semiseg.engine.plots import (
@@ -240,12 +249,26 @@ def write_report(
     for name in _layouts(layout, aggregates):
         tables += build_tables(aggregates, name, show_std)
     drawings, notes = _overlays(runs, overlays) if overlays else ([], [])
+    comparisons = paired_comparisons([run.result for run in runs], paired) if paired else []
+    paired_tables = [paired_table(comparisons, *setting) for setting in dict.fromkeys(
+        (c.dataset, c.labeled_ratio) for c in comparisons)]
 
     written: list[Path] = []
     for table in tables:
         for ext, text in render_table(table).items():
             atomic_write_text(out_dir / f"{table.name}.{ext}", text)
             written.append(out_dir / f"{table.name}.{ext}")
+    for table in paired_tables:
+        for ext, text in render_table(table).items():
+            if ext != "json":  # the numbers go to the JSON below, not the formatted cells
+                atomic_write_text(out_dir / f"{table.name}.{ext}", text)
+                written.append(out_dir / f"{table.name}.{ext}")
+        setting = table.name.removeprefix("paired_")
+        chosen = [c for c in comparisons if setting_slug(c.dataset, c.labeled_ratio) == setting]
+        atomic_write_text(out_dir / f"{table.name}.json", comparisons_to_json(chosen))
+        written.append(out_dir / f"{table.name}.json")
+        if plots:
+            written.append(plot_paired(chosen, out_dir / f"{table.name}.png"))
     settings = list(dict.fromkeys(a.setting for a in aggregates))
     charts: dict[tuple[str, float], str] = {}
     if plots:
@@ -280,6 +303,11 @@ def write_report(
     for table in tables:
         links = " · ".join(f"[{ext}]({table.name}.{ext})" for ext in ("csv", "json", "tex"))
         lines += [f"## {_heading(table.name)}", "", to_markdown(table), links, ""]
+    for table in paired_tables:
+        links = " · ".join(f"[{ext}]({table.name}.{ext})" for ext in ("csv", "json", "tex"))
+        lines += [f"## Paired against {paired}", "", to_markdown(table), links, ""]
+        if plots:
+            lines += [f"![{table.name}]({table.name}.png)", ""]
     for setting, name in charts.items():
         lines += [f"## Per-class Dice, {setting_title(*setting)}", "", f"![{name}]({name})", ""]
     if curves_name:

@@ -39,7 +39,8 @@ def ensure_phantom(config: Config) -> Path:
     root = Path(config.data.root)
     phantom = config.data.phantom
     generate_dataset(root, num_cases=phantom.num_cases, shape=phantom.shape,
-                     class_set=get_class_set(phantom.class_set), seed=phantom.seed)
+                     class_set=get_class_set(phantom.class_set), seed=phantom.seed,
+                     noise_hu=phantom.noise_hu, variability=phantom.variability)
     return root
 
 
