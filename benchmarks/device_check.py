@@ -56,8 +56,9 @@ def _method_batch(name: str, patch: int, n_filters: int, device: torch.device):
     host: dict = {}
     model_options: dict = {"n_filters": n_filters}
     if model in ("magicnet", "tak"):
-        host["cube_size"] = patch // 3
-        if patch // 3 < 32:
+        # The official 3x3x3 grid of 32^3 cubes at 96^3; a 2x2x2 grid when 3 does not divide.
+        host["cube_size"] = patch // 3 if patch % 3 == 0 else patch // 2
+        if host["cube_size"] < 32:
             model_options["normalization"] = "batchnorm"
     context = MethodContext(num_classes=14, model_name=model, model_options=model_options,
                             patch_size=(patch,) * 3, max_iterations=1000,
