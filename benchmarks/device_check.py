@@ -235,7 +235,7 @@ def _phantom_volume(checkpoint: Path | None, shape: list[int]) -> np.ndarray:
         return np.random.default_rng(0).random(shape, dtype=np.float32)
     from scipy import ndimage
 
-    from semiseg.data.store import apply_intensity
+    from semiseg.data.arrays import apply_intensity
 
     data = checkpoint.parents[2] / "data" / "images"
     first = sorted(data.glob("*.npy"))[-1]

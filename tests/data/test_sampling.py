@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from semiseg.data.classes import SYNAPSE
+from semiseg.data.layouts import open_store
 from semiseg.data.sampling import TrainingBatches, crop_padding, random_crop
-from semiseg.data.store import CaseStore, CaseWriter
+from semiseg.data.store import CaseStore
+from semiseg.data.writer import CaseWriter
 from semiseg.errors import ConfigError, DataError
 
 PATCH = (8, 8, 8)
@@ -47,7 +49,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> CaseStore:
         x, y, z = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
         label = _label_of(x, y, z) if case_id.startswith("l") else None
         writer.write(case_id, image, label, (1.0, 1.0, 1.0))
-    return CaseStore.open(root, intensity="none")  # keep the coordinate code readable
+    return open_store(root, intensity="none")  # keep the coordinate code readable
 
 
 def _batches(store: CaseStore, seed: int = 3, unlabeled: list[str] | None = None, **kw):

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from semiseg.config import Config
+from semiseg.data import layouts
 from semiseg.data.classes import ClassSet, get_class_set
+from semiseg.data.phantom import generate_dataset, phantom_split
 from semiseg.data.sampling import TrainingBatches
 from semiseg.data.splits import Split, load_split, validate_split
 from semiseg.data.store import CaseStore
@@ -34,8 +36,6 @@ class RunData:
 def ensure_phantom(config: Config) -> Path:
     """Generate the built-in phantom under ``data.root``; cases already there are kept
     (generation is resumable and refuses a folder made with other phantom parameters)."""
-    from semiseg.data.phantom import generate_dataset
-
     root = Path(config.data.root)
     phantom = config.data.phantom
     generate_dataset(root, num_cases=phantom.num_cases, shape=phantom.shape,
@@ -53,14 +53,18 @@ def open_store(config: Config) -> tuple[ClassSet, CaseStore]:
         class_set = get_class_set(data.dataset)
     else:
         raise ConfigError(f"data.dataset: unknown dataset {data.dataset!r} (phantom|synapse|amos)")
-    store = CaseStore.open(Path(data.root), layout=data.layout, class_set=class_set,
-                           in_memory=data.in_memory,
-                           intensity=None if data.intensity == "auto" else data.intensity)
+    store = layouts.open_store(Path(data.root), layout=data.layout, class_set=class_set,
+                               in_memory=data.in_memory,
+                               intensity=None if data.intensity == "auto" else data.intensity)
     return class_set, store
 
 
 def open_split(config: Config, store: CaseStore) -> Split:
-    split = load_split(config.data.split, store=store)
+    """The run's split, checked against ``store``; ``phantom`` is built for the store's size."""
+    if config.data.split == "phantom":
+        split = phantom_split(len(store), store.class_set.name)
+    else:
+        split = load_split(config.data.split)
     validate_split(split, store, config.data.labeled_ratio)
     return split
 
