@@ -8,7 +8,7 @@ as a suggestion.
 
 Method- and model-specific options live in free-form ``options`` mappings; the method and model
 registries validate them against their own option dataclasses / constructor signatures when the
-run is built (see :func:`semiseg.methods.build_method`).
+run is built (see :func:`semiseg.methods.registry.parse_method_options`).
 """
 
 from __future__ import annotations

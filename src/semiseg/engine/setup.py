@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from semiseg.catalog import build_method, is_semi_supervised
 from semiseg.config import Config
 from semiseg.data import layouts
 from semiseg.data.classes import ClassSet, get_class_set
@@ -17,7 +18,7 @@ from semiseg.data.sampling import TrainingBatches
 from semiseg.data.splits import Split, load_split, validate_split
 from semiseg.data.store import CaseStore
 from semiseg.errors import ConfigError
-from semiseg.methods.base import Method, MethodContext, build_method, is_semi_supervised
+from semiseg.methods.base import Method, MethodContext
 
 
 @dataclass
@@ -109,8 +110,6 @@ def method_context(config: Config, class_set: ClassSet) -> MethodContext:
         model_name=config.model.name,
         model_options=dict(config.model.options),
         patch_size=tuple(config.data.patch_size),
-        weight_decay=config.train.weight_decay,
-        max_iterations=config.train.max_iterations,
         class_names=tuple(["background", *class_set.names]),
     )
 
