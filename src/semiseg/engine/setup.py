@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from torch.utils.data import DataLoader
+
 from semiseg.catalog import build_method, is_semi_supervised
 from semiseg.config import Config
 from semiseg.data import layouts
@@ -32,6 +35,24 @@ class RunData:
     unlabeled_ids: list[str]
     batches: TrainingBatches
     iterations_per_epoch: int
+
+
+def batch_loader(batches: TrainingBatches, start: int, stop: int, num_workers: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
+    """The DataLoader of the training loop: batches ``start .. stop-1`` in order (a resumed
+    run starts where it stopped), loaded by ``num_workers`` processes."""
+    return DataLoader(
+        batches,
+        sampler=range(int(start), int(stop)),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+        # Batches draw from (seed, iteration) only; a private generator keeps the DataLoader
+        # from consuming the global RNG, which resume restores exactly.
+        generator=torch.Generator(),
+    )
 
 
 def ensure_phantom(config: Config) -> Path:
