@@ -49,8 +49,9 @@ def _method_batch(name: str, patch: int, n_filters: int, device: torch.device):
     sys.path.insert(0, str(HERE))
     from train_step import _model_name
 
+    from semiseg.catalog import build_method
     from semiseg.data.classes import get_class_set
-    from semiseg.methods.base import Batch, MethodContext, build_method
+    from semiseg.methods.base import Batch, MethodContext
 
     model = _model_name(name)
     host: dict = {}
@@ -61,7 +62,7 @@ def _method_batch(name: str, patch: int, n_filters: int, device: torch.device):
         if host["cube_size"] < 32:
             model_options["normalization"] = "batchnorm"
     context = MethodContext(num_classes=14, model_name=model, model_options=model_options,
-                            patch_size=(patch,) * 3, max_iterations=1000,
+                            patch_size=(patch,) * 3,
                             class_names=("background", *get_class_set("synapse").names))
     options = {"host": host} if name.startswith("scdl_") else host
     torch.manual_seed(0)
@@ -236,7 +237,7 @@ def _phantom_volume(checkpoint: Path | None, shape: list[int]) -> np.ndarray:
         return np.random.default_rng(0).random(shape, dtype=np.float32)
     from scipy import ndimage
 
-    from semiseg.data.store import apply_intensity
+    from semiseg.data.arrays import apply_intensity
 
     data = checkpoint.parents[2] / "data" / "images"
     first = sorted(data.glob("*.npy"))[-1]

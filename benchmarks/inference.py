@@ -59,7 +59,7 @@ def main() -> None:
     else:
         net = create_model(args.model, args.num_classes).to(device).eval()
     if args.volume:
-        from semiseg.data.store import apply_intensity
+        from semiseg.data.arrays import apply_intensity
 
         if not args.checkpoint:
             parser.error("--volume needs --checkpoint (its intensity setting)")

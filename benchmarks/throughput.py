@@ -58,8 +58,9 @@ def _cube(patch: int) -> int:
 
 def _network(method: str, num_classes: int, n_filters: int, patch: int) -> torch.nn.Module:
     """The inference network of ``method`` (built through the method, so plug-ins are in it)."""
+    from semiseg.catalog import build_method
     from semiseg.data.classes import get_class_set
-    from semiseg.methods.base import MethodContext, build_method
+    from semiseg.methods.base import MethodContext
 
     model = _model_for(method)
     model_options: dict = {"n_filters": n_filters}

@@ -49,8 +49,9 @@ def _measure(spec: str, patch: int, batch: int, labeled: int, iters: int, warmup
              cube: int = 0) -> dict:
     import torch
 
+    from semiseg.catalog import build_method
     from semiseg.data.classes import get_class_set
-    from semiseg.methods.base import Batch, MethodContext, StepInfo, build_method
+    from semiseg.methods.base import Batch, MethodContext, StepInfo
 
     if threads:
         torch.set_num_threads(threads)
@@ -69,7 +70,7 @@ def _measure(spec: str, patch: int, batch: int, labeled: int, iters: int, warmup
             model_options["normalization"] = "batchnorm"
     context = MethodContext(num_classes=num_classes, model_name=model_name,
                             model_options=model_options, patch_size=(patch,) * 3,
-                            max_iterations=1000, class_names=class_names)
+                            class_names=class_names)
     if method_name.startswith("scdl_"):
         options = {**VARIANTS[variant], "host": host_options}
     else:
@@ -142,7 +143,7 @@ def main() -> None:
         print(json.dumps(row))
         return
 
-    from semiseg.methods.base import list_methods
+    from semiseg.catalog import list_methods
 
     known = set(list_methods())
     methods = args.methods or [m for m in DEFAULT_METHODS if m.partition(":")[0] in known]

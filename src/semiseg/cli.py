@@ -19,17 +19,41 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from semiseg import __version__
+from semiseg.engine.proxy_plot_cli import add_cli as add_plot_proxies_cli
 from semiseg.errors import SemisegError
+from semiseg.knowledge.cli import add_cli as add_knowledge_cli
 
 Handler = Callable[[argparse.Namespace], int]
 
 
+def _add_overrides(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help=help)
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", type=Path, help="run config YAML (see configs/)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.lr=0.005 (repeatable)",
-    )
+    _add_overrides(parser, "override a config value, e.g. --set train.lr=0.005 (repeatable)")
+
+
+def _add_convert_checkpoint(sub: argparse._SubParsersAction) -> None:
+    """``semiseg convert-checkpoint``: every kind of :func:`semiseg.models.
+    read_official_checkpoint`."""
+    convert = sub.add_parser(
+        "convert-checkpoint", help="official weights -> a state dict create_model loads",
+        description="Rename the keys of an official checkpoint (GALoss/DHC VNet, GALoss/MagicNet "
+        "VNet_Magic) to semiseg's modules. The output loads with "
+        "create_model(NAME, num_classes).load_state_dict(torch.load(OUT)) and gives the same "
+        "logits as the official network.")
+    convert.add_argument("--from", dest="kind", required=True,
+                         choices=["galoss-vnet", "dhc-vnet", "galoss-magicnet", "tak"])
+    convert.add_argument("input", type=Path, help="official .pth file")
+    convert.add_argument("output", type=Path, help="converted state dict (.pt)")
+    convert.add_argument("--which", help="network of a multi-network checkpoint (DHC: A or B)")
+    convert.add_argument("--text-embeddings", type=Path, default=None,
+                         help="tak only: embedding file to store in the converted state dict "
+                         "(e.g. the authors' amos_embedding_shape_location.pth)")
+    convert.set_defaults(handler=_cmd_convert)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -40,7 +64,6 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"semiseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
     prep = sub.add_parser("prepare", help="turn raw downloads into training arrays",
                           description="Prepare a dataset: read raw NIfTI volumes, apply the "
                           "official preprocessing (DHC paper-era grid: whole volume resized to "
@@ -86,8 +109,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=["eval", "test"], default=None)
     evaluate.add_argument("--save-predictions", action="store_true",
                           help="also write predictions/<case>.nii.gz")
-    evaluate.add_argument("--set", dest="overrides", action="append", default=[],
-                          metavar="KEY=VALUE", help="override inference/evaluation settings")
+    _add_overrides(evaluate, "override inference/evaluation settings")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     predict = sub.add_parser("predict", help="segment new scans",
@@ -98,8 +120,7 @@ def _build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--checkpoint", type=Path, required=True)
     predict.add_argument("--out", type=Path, required=True, help="output folder")
     predict.add_argument("--device", default="auto")
-    predict.add_argument("--set", dest="overrides", action="append", default=[],
-                         metavar="KEY=VALUE", help="override inference settings")
+    _add_overrides(predict, "override inference settings")
     predict.set_defaults(handler=_cmd_predict)
 
     report = sub.add_parser("report", help="tables and plots from evaluated runs",
@@ -140,24 +161,7 @@ def _build_parser() -> argparse.ArgumentParser:
     exp_status.add_argument("grid", type=Path)
     exp_status.set_defaults(handler=_cmd_experiment_status)
 
-    convert = sub.add_parser(
-        "convert-checkpoint", help="official weights -> a state dict create_model loads",
-        description="Rename the keys of an official checkpoint (GALoss/DHC VNet, GALoss/MagicNet "
-        "VNet_Magic) to semiseg's modules. The output loads with "
-        "create_model(NAME, num_classes).load_state_dict(torch.load(OUT)) and gives the same "
-        "logits as the official network.")
-    convert.add_argument("--from", dest="kind", required=True,
-                         choices=["galoss-vnet", "dhc-vnet", "galoss-magicnet", "tak"])
-    convert.add_argument("input", type=Path, help="official .pth file")
-    convert.add_argument("output", type=Path, help="converted state dict (.pt)")
-    convert.add_argument("--which", help="network of a multi-network checkpoint (DHC: A or B)")
-    convert.add_argument("--text-embeddings", type=Path, default=None,
-                         help="tak only: embedding file to store in the converted state dict "
-                         "(e.g. the authors' amos_embedding_shape_location.pth)")
-    convert.set_defaults(handler=_cmd_convert)
-
-    from semiseg.engine.proxy_plot_cli import add_cli as add_plot_proxies_cli
-    from semiseg.knowledge.cli import add_cli as add_knowledge_cli
+    _add_convert_checkpoint(sub)
 
     add_knowledge_cli(sub)
     add_plot_proxies_cli(sub)
@@ -168,8 +172,7 @@ def _build_parser() -> argparse.ArgumentParser:
                           "print the per-class table. Everything lands in one run folder.")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--config", type=Path, default=None, help="demo config (default: built-in)")
-    demo.add_argument("--set", dest="overrides", action="append", default=[],
-                      metavar="KEY=VALUE", help="override a demo config value")
+    _add_overrides(demo, "override a demo config value")
     demo.set_defaults(handler=_cmd_demo)
     return parser
 
@@ -275,28 +278,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from semiseg.models.convert import read_official_checkpoint
+    from semiseg.models import read_official_checkpoint
+    from semiseg.models.convert import converted_model
     from semiseg.utils.io import atomic_torch_save
 
-    if args.kind == "tak":
-        from semiseg.models.convert_tak import read_tak_checkpoint, tak_model_options
-
-        state = read_tak_checkpoint(args.input, args.text_embeddings)
-        atomic_torch_save(state, args.output)
-        options = ", ".join(f"{k}={v!r}" for k, v in tak_model_options(state).items())
-        hint = "" if "text_embeddings" in state else ", text_embeddings=E"
-        print(f"{args.output}: {len(state)} tensors; load with create_model('tak', {options}"
-              f"{hint})")
-        return 0
-    if args.text_embeddings is not None:
+    if args.text_embeddings is not None and args.kind != "tak":
         raise SemisegError("--text-embeddings applies to --from tak only")
-    state = read_official_checkpoint(args.input, args.kind, args.which)
-    model = "magicnet" if args.kind == "galoss-magicnet" else "vnet"
-    head = state["out_conv.weight"]
-    num_classes, n_filters = int(head.shape[0]), int(head.shape[1])
+    state = read_official_checkpoint(args.input, args.kind, args.which, args.text_embeddings)
     atomic_torch_save(state, args.output)
-    print(f"{args.output}: {len(state)} tensors; load with "
-          f"create_model({model!r}, num_classes={num_classes}, n_filters={n_filters})")
+    model, options = converted_model(state, args.kind)
+    listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    # A converted TAK network without its embeddings keeps those it is built with.
+    hint = ", text_embeddings=E" if args.kind == "tak" and "text_embeddings" not in state else ""
+    print(f"{args.output}: {len(state)} tensors; load with create_model({model!r}, {listed}{hint})")
     return 0
 
 

@@ -1,22 +1,19 @@
 """Typed, validated run configuration.
 
 A run is described by one YAML file (``configs/*.yaml``) whose sections mirror the dataclasses
-below. Command-line overrides use dotted keys (``--set train.lr=0.005``). Every key is checked:
-an unknown or mistyped key, or a value of the wrong type, raises :class:`ConfigError` naming
-the key, with the closest known key as a suggestion.
+below. Command-line overrides use dotted keys (``--set train.lr=0.005``). Every key is checked
+by the one typed-file validator (:mod:`semiseg.utils.typed`): an unknown or mistyped key, or a
+value of the wrong type, raises :class:`ConfigError` naming the key, with the closest known key
+as a suggestion.
 
 Method- and model-specific options live in free-form ``options`` mappings; the method and model
 registries validate them against their own option dataclasses / constructor signatures when the
-run is built (see :func:`semiseg.methods.build_method`).
+run is built (see :func:`semiseg.methods.registry.parse_method_options`).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from semiseg.errors import ConfigError
+from semiseg.utils.typed import build_dataclass, to_plain
 
 Triple = tuple[int, int, int]
 
@@ -160,116 +158,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
-
-
-# --------------------------------------------------------------------------- conversion
-
-
-def to_plain(value: Any) -> Any:
-    """Dataclasses, tuples and paths to plain YAML/JSON-friendly structures."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _suggest(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})"
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; convert where lossless (int->float,
-    list->tuple). ``where`` is the dotted key used in error messages."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return build_dataclass(tp, value, where)
-    if origin is Literal:
-        if value not in args:
-            choices = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"{where}: {value!r} is not one of {choices}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
-        return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        item = args[0] if args else Any
-        return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        key_tp, val_tp = args if args else (Any, Any)
-        return {
-            coerce(k, key_tp, where): coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()
-        }
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    return value
-
-
-def build_dataclass(cls: type, values: dict[str, Any], where: str = "") -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys by name."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        dotted = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown config key {dotted!r}{_suggest(str(key), names)}")
-        kwargs[key] = coerce(value, hints[key], dotted)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from semiseg.data.classes import AMOS, SYNAPSE
-from semiseg.data.official import DhcSource, detect_layout, open_official
-from semiseg.data.prepare import resize_image, resize_labels
-from semiseg.data.store import CaseStore
+from semiseg.data.layouts import detect_layout, open_store
+from semiseg.data.official import DhcSource, open_official
+from semiseg.data.resample import resize_image, resize_labels
 from semiseg.errors import DataError
 
 XYZ = (8, 7, 5)
@@ -40,7 +40,7 @@ def test_dhc_layout_is_transposed_and_windowed_like_dhc(tmp_path: Path) -> None:
     _dhc_folder(tmp_path / "synapse_data", ["0001", "0002"])
     assert detect_layout(tmp_path / "synapse_data") == "dhc"
     assert detect_layout(tmp_path / "synapse_data" / "npy") == "dhc"
-    store = CaseStore.open(tmp_path / "synapse_data")
+    store = open_store(tmp_path / "synapse_data")
     assert store.layout == "dhc" and store.class_set is SYNAPSE and store.intensity == "dhc"
     assert store.ids == ["0001", "0002"] and store.spacing("0001") == (1.0, 1.0, 1.0)
     hu = _hu_xyz(1)
@@ -48,7 +48,7 @@ def test_dhc_layout_is_transposed_and_windowed_like_dhc(tmp_path: Path) -> None:
     np.testing.assert_allclose(store.image("0002"), (np.clip(hu, -75, 275) + 75) / 350, atol=1e-6)
     np.testing.assert_array_equal(store.label("0002"), _labels_xyz(1))
     assert store.label("0002").dtype == np.uint8
-    ga = CaseStore.open(tmp_path / "synapse_data", intensity="ga").image("0002")
+    ga = open_store(tmp_path / "synapse_data", intensity="ga").image("0002")
     np.testing.assert_allclose(ga, (np.clip(hu, -125, 275) + 125) / 400, atol=1e-6)
 
 
@@ -74,18 +74,18 @@ def test_galoss_h5_used_as_stored_and_amos_npy_windowed(tmp_path: Path) -> None:
     with h5py.File(synapse / "0001.h5", "w") as handle:
         handle["image"] = image
         handle["label"] = _labels_xyz(0).astype(np.uint8)
-    store = CaseStore.open(synapse)
+    store = open_store(synapse)
     assert store.layout == "galoss" and store.class_set is SYNAPSE
     np.testing.assert_array_equal(store.image("0001"), image)
     np.testing.assert_array_equal(store.label("0001"), _labels_xyz(0))
     with pytest.raises(DataError, match="already normalised"):
-        CaseStore.open(synapse, intensity="dhc")
+        open_store(synapse, intensity="dhc")
 
     amos = tmp_path / "AMOS"
     amos.mkdir()
     np.save(amos / "amos_0017_image.npy", _hu_xyz(3))  # GALoss npy: (X, Y, Z), raw HU
     np.save(amos / "amos_0017_label.npy", _labels_xyz(3, high=16).astype(np.uint8))
-    store = CaseStore.open(amos)
+    store = open_store(amos)
     assert store.layout == "galoss" and store.class_set is AMOS
     expected = (np.clip(_hu_xyz(3), -125, 275) + 125) / 400
     np.testing.assert_allclose(store.image("amos_0017"), expected, atol=1e-6)
@@ -95,13 +95,13 @@ def test_unrecognised_folders_and_bad_labels_fail_by_name(tmp_path: Path) -> Non
     with pytest.raises(DataError, match="not a recognised data folder"):
         detect_layout(tmp_path)
     with pytest.raises(DataError, match="not a recognised data folder"):
-        CaseStore.open(tmp_path)
+        open_store(tmp_path)
     _dhc_folder(tmp_path / "d", ["0001"])
     negative = _labels_xyz(0)
     negative[2, 2, 2] = -3
     np.save(tmp_path / "d" / "npy" / "0001_label.npy", negative.transpose(2, 1, 0))
     with pytest.raises(DataError, match=r"0001_label\.npy: negative label value -3"):
-        CaseStore.open(tmp_path / "d").label("0001")
+        open_store(tmp_path / "d").label("0001")
     (tmp_path / "d" / "npy" / "0001_label.npy").unlink()
     with pytest.raises(DataError, match=r"missing:\n.*0001_label\.npy"):
-        CaseStore.open(tmp_path / "d")
+        open_store(tmp_path / "d")

@@ -11,14 +11,9 @@ import pytest
 from scipy.ndimage import binary_erosion
 
 from semiseg.data.classes import AMOS, SYNAPSE, ClassSet, OrganClass
-from semiseg.data.phantom import (
-    default_spacing,
-    generate_case,
-    generate_dataset,
-    phantom_affine,
-    phantom_split,
-)
-from semiseg.data.store import CaseStore
+from semiseg.data.layouts import open_store
+from semiseg.data.phantom import generate_case, generate_dataset, phantom_split
+from semiseg.data.phantom_geometry import default_spacing, phantom_affine
 from semiseg.errors import ConfigError
 
 SHAPE = (48, 48, 32)
@@ -150,18 +145,18 @@ def test_generate_dataset_writes_hu_and_resumes(tmp_path: Path) -> None:
     assert meta["dataset"] == "phantom" and meta["class_set"] == "synapse"
     assert meta["preprocessing"]["stored_intensity"] == "HU"
     assert sorted(meta["cases"]) == ["phantom0000", "phantom0001", "phantom0002"]
-    store = CaseStore.open(root, intensity="none")
+    store = open_store(root, intensity="none")
     image, label, _ = generate_case((5, 1), (24, 24, 16), class_set=SYNAPSE)
     np.testing.assert_array_equal(store.image("phantom0001"), image)
     np.testing.assert_array_equal(store.label("phantom0001"), label)
     assert store.spacing("phantom0001") == pytest.approx(default_spacing((24, 24, 16)))
-    ga = CaseStore.open(root).image("phantom0001")  # default: GALoss window
+    ga = open_store(root).image("phantom0001")  # default: GALoss window
     np.testing.assert_allclose(ga, (np.clip(image, -125, 275) + 125) / 400, atol=1e-6)
 
     stamp = (root / "images" / "phantom0000.npy").stat().st_mtime_ns
     generate_dataset(root, 4, (24, 24, 16), SYNAPSE, seed=5, progress=False)
     assert (root / "images" / "phantom0000.npy").stat().st_mtime_ns == stamp  # skipped
-    assert len(CaseStore.open(root)) == 4
+    assert len(open_store(root)) == 4
 
 
 def test_phantom_split_follows_synapse_proportions() -> None:

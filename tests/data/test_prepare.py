@@ -12,6 +12,7 @@ import pytest
 from semiseg.data import prepare
 from semiseg.data.classes import SYNAPSE
 from semiseg.data.io import read_volume, write_label_volume
+from semiseg.data.layouts import open_store
 from semiseg.data.prepare import (
     TOTALSEG_TO_SYNAPSE,
     find_amos_cases,
@@ -23,7 +24,6 @@ from semiseg.data.prepare import (
     reference_volume,
     restore_labels,
 )
-from semiseg.data.store import CaseStore
 from semiseg.errors import ConfigError, DataError
 
 RAW_SHAPE = (40, 40, 20)
@@ -83,16 +83,16 @@ def test_prepared_arrays_match_hand_computed_resampling_and_windows(tmp_path: Pa
     meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert meta["preprocessing"]["resize"] == [20, 20, 10]
     assert meta["preprocessing"]["default_intensity"] == "dhc"
-    store = CaseStore.open(out, intensity="none")
+    store = open_store(out, intensity="none")
     image, label = _raw_case(1)
     # Trilinear (align_corners=False) at exactly half size = mean of each 2x2x2 block.
     hu = _block_mean(image.astype(np.float64))
     np.testing.assert_allclose(store.image("0002"), hu, atol=1e-3)
     np.testing.assert_array_equal(store.label("0002"), label[::2, ::2, ::2])  # nearest
     assert store.spacing("0002") == pytest.approx((1.6, 1.6, 5.0))
-    ga = CaseStore.open(out, intensity="ga").image("0002")
+    ga = open_store(out, intensity="ga").image("0002")
     np.testing.assert_allclose(ga, (np.clip(hu, -125, 275) + 125) / 400, atol=1e-5)
-    dhc = CaseStore.open(out).image("0002")  # the profile's default: DHC's window
+    dhc = open_store(out).image("0002")  # the profile's default: DHC's window
     clipped = np.clip(hu, -75, 275)
     expected = (clipped - clipped.min()) / (clipped.max() - clipped.min())
     np.testing.assert_allclose(dhc, expected, atol=1e-5)
@@ -104,7 +104,7 @@ def test_prepared_arrays_match_hand_computed_resampling_and_windows(tmp_path: Pa
 
 def test_native_profile_keeps_the_raw_grid(tmp_path: Path) -> None:
     raw = _btcv(tmp_path / "raw", ("0005",))
-    store = CaseStore.open(
+    store = open_store(
         prepare_synapse(raw, tmp_path / "out", profile="native", progress=False), intensity="none"
     )
     image, label = _raw_case(0)
@@ -155,7 +155,7 @@ def test_prepare_resumes_and_names_the_failing_file(tmp_path: Path, monkeypatch)
 
 def test_restore_labels_returns_to_the_raw_grid_and_affine(tmp_path: Path) -> None:
     raw = _btcv(tmp_path / "raw", ("0001",))
-    store = CaseStore.open(
+    store = open_store(
         prepare_synapse(
             raw, tmp_path / "out", profile="dhc", target_shape=(20, 20, 10), progress=False
         )
@@ -210,7 +210,7 @@ REAL_CT = SHARED / "real-ct"
 )
 def test_real_ct_with_totalsegmentator_labels(tmp_path: Path) -> None:
     pairs = [("realct", REAL_CT / "ct.nii.gz", REAL_CT / "labels_totalseg.nii.gz")]
-    native = CaseStore.open(
+    native = open_store(
         prepare_nifti_pairs(
             pairs,
             tmp_path / "native",
@@ -226,7 +226,7 @@ def test_real_ct_with_totalsegmentator_labels(tmp_path: Path) -> None:
     np.testing.assert_array_equal(counts[1:], expected)
     assert 120 <= counts[6] / counts[12] <= 500  # liver vs right adrenal, ~254
 
-    store = CaseStore.open(
+    store = open_store(
         prepare_nifti_pairs(
             pairs, tmp_path / "dhc", SYNAPSE, TOTALSEG_TO_SYNAPSE, profile="dhc", progress=False
         )

@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from semiseg.data.classes import SYNAPSE
+from semiseg.data.layouts import open_store
 from semiseg.data.sampling import TrainingBatches, crop_padding, random_crop
-from semiseg.data.store import CaseStore, CaseWriter
+from semiseg.data.store import CaseStore
+from semiseg.data.writer import CaseWriter
+from semiseg.engine.setup import batch_loader
 from semiseg.errors import ConfigError, DataError
 
 PATCH = (8, 8, 8)
@@ -47,7 +50,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> CaseStore:
         x, y, z = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
         label = _label_of(x, y, z) if case_id.startswith("l") else None
         writer.write(case_id, image, label, (1.0, 1.0, 1.0))
-    return CaseStore.open(root, intensity="none")  # keep the coordinate code readable
+    return open_store(root, intensity="none")  # keep the coordinate code readable
 
 
 def _batches(store: CaseStore, seed: int = 3, unlabeled: list[str] | None = None, **kw):
@@ -155,7 +158,7 @@ def test_workers_see_the_same_batches(store: CaseStore) -> None:
     batches = _batches(store)
     direct = [batches[i] for i in range(5, 8)]
     for workers in (0, 2):
-        loaded = list(batches.loader(5, 8, num_workers=workers))
+        loaded = list(batch_loader(batches, 5, 8, num_workers=workers))  # the trainer's loader
         assert [b["iteration"] for b in loaded] == [5, 6, 7]
         for a, b in zip(direct, loaded):
             assert a["case_ids"] == b["case_ids"] and torch.equal(a["image"], b["image"])

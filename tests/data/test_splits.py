@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from semiseg.data.classes import AMOS, SYNAPSE
+from semiseg.data.layouts import open_store
 from semiseg.data.splits import load_split, shipped_splits, validate_split
-from semiseg.data.store import CaseStore, CaseWriter
+from semiseg.data.writer import CaseWriter
 from semiseg.errors import SplitError
 
 PREP = {"stored_intensity": "HU", "default_intensity": "ga"}
@@ -117,7 +118,7 @@ def _store(root: Path, ids: list[str], unlabeled: tuple[str, ...] = (), class_se
     for case_id in ids:
         label = None if case_id in unlabeled else np.zeros((4, 4, 4), np.uint8)
         writer.write(case_id, np.zeros((4, 4, 4), np.float32), label, (1, 1, 1))
-    return CaseStore.open(root)
+    return open_store(root)
 
 
 def test_validate_split_against_a_store(tmp_path: Path) -> None:
@@ -137,8 +138,12 @@ def test_validate_split_against_a_store(tmp_path: Path) -> None:
 
 
 def test_phantom_split_comes_from_the_store_size(tmp_path: Path) -> None:
+    # The run setup resolves "phantom" (splits never import the phantom).
+    from semiseg.config import load_config
+    from semiseg.engine.setup import open_split
+
     store = _store(tmp_path, [f"phantom{i:04d}" for i in range(10)])
-    split = load_split("phantom", store=store)
+    split = open_split(load_config(None, ["data.split=phantom", "data.labeled_ratio=0.2"]), store)
     assert (len(split.train), len(split.eval), len(split.test)) == (7, 1, 2)
     validate_split(split, store, 0.2)
     with pytest.raises(SplitError, match="needs the phantom store"):

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from semiseg.data.arrays import apply_intensity
 from semiseg.data.classes import AMOS, SYNAPSE
-from semiseg.data.store import CaseStore, CaseWriter, apply_intensity
+from semiseg.data.layouts import open_store
+from semiseg.data.writer import CaseWriter
 from semiseg.errors import ConfigError, DataError
 
 PREP = {"profile": "native", "stored_intensity": "HU", "default_intensity": "ga"}
@@ -52,7 +54,7 @@ def test_round_trip_and_dataset_json(tmp_path: Path) -> None:
     }
     assert meta["cases"]["0003"]["label"] is None
 
-    store = CaseStore.open(tmp_path, intensity="none")
+    store = open_store(tmp_path, intensity="none")
     assert store.ids == ["0001", "0002", "0003"] and store.layout == "semiseg"
     np.testing.assert_array_equal(store.image("0002"), cases["0002"][0])
     np.testing.assert_array_equal(store.label("0002"), cases["0002"][1])
@@ -75,22 +77,22 @@ def test_load_time_intensity_windows(tmp_path: Path) -> None:
     writer = CaseWriter(tmp_path, "synapse", SYNAPSE, PREP)
     hu = np.array([-1000.0, -125.0, -75.0, 75.0, 275.0, 600.0], np.float32).reshape(6, 1, 1)
     writer.write("0001", np.broadcast_to(hu, (6, 2, 2)).copy(), None, (1, 1, 1))
-    ga = CaseStore.open(tmp_path).image("0001")[:, 0, 0]  # recorded default: ga
+    ga = open_store(tmp_path).image("0001")[:, 0, 0]  # recorded default: ga
     np.testing.assert_allclose(ga, [0.0, 0.0, 50 / 400, 200 / 400, 1.0, 1.0], atol=1e-7)
-    dhc = CaseStore.open(tmp_path, intensity="dhc").image("0001")[:, 0, 0]
+    dhc = open_store(tmp_path, intensity="dhc").image("0001")[:, 0, 0]
     np.testing.assert_allclose(dhc, [0.0, 0.0, 0.0, 150 / 350, 1.0, 1.0], atol=1e-7)
-    assert CaseStore.open(tmp_path, intensity="dhc").intensity == "dhc"
+    assert open_store(tmp_path, intensity="dhc").intensity == "dhc"
     with pytest.raises(ConfigError, match="unknown intensity transform 'hu'"):
-        CaseStore.open(tmp_path, intensity="hu")
+        open_store(tmp_path, intensity="hu")
     flat = apply_intensity(np.full((2, 2, 2), 500.0), "dhc")
     np.testing.assert_array_equal(flat, 0.0)  # constant volume: no NaN
 
 
 def test_memory_cache_versus_memory_map(tmp_path: Path) -> None:
     _write(tmp_path, ["0001"])
-    cached = CaseStore.open(tmp_path, intensity="none", in_memory=True)
+    cached = open_store(tmp_path, intensity="none", in_memory=True)
     assert cached.image("0001") is cached.image("0001")
-    mapped = CaseStore.open(tmp_path, intensity="none", in_memory=False)
+    mapped = open_store(tmp_path, intensity="none", in_memory=False)
     assert isinstance(mapped.image("0001"), np.memmap)
     assert isinstance(mapped.label("0001"), np.memmap)
     assert mapped.image("0001") is not mapped.image("0001")
@@ -103,39 +105,39 @@ def test_validation_names_missing_files_and_bad_labels(tmp_path: Path) -> None:
     with pytest.raises(
         DataError, match=r"2 data file\(s\) missing:\n.*images/0001\.npy\n.*labels/0002"
     ):
-        CaseStore.open(tmp_path)
+        open_store(tmp_path)
 
     other = tmp_path / "other"
     _write(other, ["0001"])
     np.save(other / "labels" / "0001.npy", np.zeros((6, 5, 3), np.uint8))
     with pytest.raises(DataError, match=r"labels/0001\.npy: label shape \(6, 5, 3\)"):
-        CaseStore.open(other)
+        open_store(other)
     bad = np.zeros((6, 5, 4), np.uint8)
     bad[0, 0, 0], bad[1, 0, 0] = 14, 99
     np.save(other / "labels" / "0001.npy", bad)
-    store = CaseStore.open(other)  # label values are checked lazily, per case
+    store = open_store(other)  # label values are checked lazily, per case
     with pytest.raises(
         DataError, match=r"labels/0001\.npy: label values 14, 99 are outside 0\.\.13"
     ):
         store.label("0001")
     with pytest.raises(DataError, match="prepared for class set 'synapse', not 'amos'"):
-        CaseStore.open(other, class_set=AMOS)
+        open_store(other, class_set=AMOS)
     np.save(other / "images" / "0001.npy", np.zeros((6, 5, 5), np.float32))
     with pytest.raises(DataError, match=r"images/0001\.npy: array shape \(6, 5, 5\) differs"):
-        CaseStore.open(other)
+        open_store(other)
 
 
 def test_open_rejects_foreign_folders(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data folder not found"):
-        CaseStore.open(tmp_path / "nope")
+        open_store(tmp_path / "nope")
     (tmp_path / "dataset.json").write_text(json.dumps({"format": "nnunet"}))
     with pytest.raises(DataError, match="format is 'nnunet', expected 'semiseg-prepared-v1'"):
-        CaseStore.open(tmp_path)
+        open_store(tmp_path)
     with pytest.raises(DataError, match="unknown data layout 'zarr'"):
-        CaseStore.open(tmp_path, layout="zarr")
+        open_store(tmp_path, layout="zarr")
     (tmp_path / "dataset.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(DataError, match="dataset.json: not valid JSON"):
-        CaseStore.open(tmp_path)
+        open_store(tmp_path)
 
 
 def test_writer_resumes_and_refuses_mixed_preprocessing(tmp_path: Path) -> None:

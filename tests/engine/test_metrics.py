@@ -11,23 +11,20 @@ from medpy.metric import binary
 from scipy import ndimage
 
 from semiseg.data.classes import AMOS, SYNAPSE
-from semiseg.engine.evaluation import (
-    CaseInput,
-    RunInfo,
-    cases_from_mappings,
-    evaluate_case,
-    evaluate_cases,
-    read_metrics,
-    result_from_dict,
-    result_to_dict,
-    write_metrics,
-)
+from semiseg.engine.evaluation import CaseInput, cases_from_mappings, evaluate_case, evaluate_cases
 from semiseg.engine.metrics import (
     average_surface_distance,
     dice_coefficient,
     hd95,
     union_bounding_box,
 )
+from semiseg.engine.metrics_file import (
+    read_metrics,
+    result_from_dict,
+    result_to_dict,
+    write_metrics,
+)
+from semiseg.engine.results import RunInfo
 from semiseg.errors import ConfigError, DataError, SemisegError
 
 

@@ -13,9 +13,11 @@ from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
 from semiseg.data.classes import AMOS, SYNAPSE
-from semiseg.engine.evaluation import RunInfo, evaluate_cases, write_metrics
+from semiseg.engine.evaluation import evaluate_cases
+from semiseg.engine.metrics_file import write_metrics
 from semiseg.engine.plots import choose_slice, class_colors, plot_overlay, plot_per_class_dice
 from semiseg.engine.report import OverlayOptions, find_runs, write_report
+from semiseg.engine.results import RunInfo
 from semiseg.engine.tables import aggregate_runs
 from semiseg.errors import ConfigError, DataError, SemisegError
 

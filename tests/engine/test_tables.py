@@ -10,7 +10,7 @@ import math
 import pytest
 
 from semiseg.data.classes import SYNAPSE
-from semiseg.engine.evaluation import CaseResult, ClassMetrics, EvaluationResult, RunInfo
+from semiseg.engine.results import CaseResult, ClassMetrics, EvaluationResult, RunInfo
 from semiseg.engine.tables import (
     Stat,
     aggregate_runs,

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from semiseg.data.classes import SYNAPSE
-from semiseg.data.store import CaseWriter
+from semiseg.data.writer import CaseWriter
 from semiseg.knowledge.cli import add_cli
 from semiseg.knowledge.generator import (
     ChatClient,

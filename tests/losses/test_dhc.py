@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from semiseg.losses.dhc import (
     DiffDW,
     DistDW,
-    class_histogram,
     distdw_weights,
     hard_dice_per_class,
     weighted_cross_entropy,
     weighted_dice_ce,
 )
+from semiseg.losses.labels import class_histogram
 
 
 def _labels(counts: list[int]) -> torch.Tensor:

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from semiseg.catalog import build_method
 from semiseg.config import load_config
 from semiseg.losses.cld import confidence_statistics, masked_weighted_cross_entropy
-from semiseg.losses.simis import class_counts, simis_gap_weights, weighted_mean_cross_entropy
+from semiseg.losses.labels import class_histogram as class_counts
+from semiseg.losses.simis import simis_gap_weights, weighted_mean_cross_entropy
 from semiseg.losses.uamt import uncertainty_threshold
-from semiseg.methods.base import Batch, MethodContext, StepInfo, build_method
+from semiseg.methods.base import Batch, MethodContext, StepInfo
 
 # StepInfo(35, 100, 10): the trainer's epoch is 10 iterations, the official one ceil(10/2) = 5;
 # iteration 35 is official epoch 7 and max_epoch E = 100 / 5 - 1 = 19. With the one-epoch lag

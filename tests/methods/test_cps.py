@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from semiseg.methods.base import Batch, MethodContext, StepInfo, build_method
-from semiseg.methods.cps import sigmoid_rampup
+from semiseg.catalog import build_method
+from semiseg.losses.schedule import sigmoid_rampup
+from semiseg.methods.base import Batch, MethodContext, StepInfo
 
 
 def _context() -> MethodContext:
@@ -40,9 +41,11 @@ def test_terms_and_weights(name: str, sup_keys: set[str]) -> None:
     # 100 iterations of 10 per epoch: max_epoch = 11; epoch 3 -> 0.1 * exp(-5 (1 - 3/11)^2)
     weight = method.loss_weights(StepInfo(35, 100, 10))["cps"]
     assert weight == pytest.approx(0.1 * math.exp(-5 * (1 - 3 / 11) ** 2))
-    sum(terms.values()).backward()
-    assert method.net_a.out_conv.weight.grad is not None
-    assert method.net_b.out_conv.weight.grad is not None
+    # The cross term alone must reach both networks (it would not if a side were detached).
+    terms["cps"].backward()
+    for net in (method.net_a, method.net_b):
+        assert net.out_conv.weight.grad is not None
+        assert net.out_conv.weight.grad.abs().sum() > 0
 
 
 def test_inference_averages_logits_and_state_dict_is_not_duplicated() -> None:

@@ -9,16 +9,17 @@ import pytest
 import torch
 from torch import nn
 
+from semiseg.catalog import build_method
 from semiseg.config import load_config
 from semiseg.errors import ConfigError
 from semiseg.losses.dhc import (
-    class_histogram,
     distdw_weights,
     hard_dice_per_class,
     weighted_cross_entropy,
     weighted_dice_ce,
 )
-from semiseg.methods.base import Batch, MethodContext, StepInfo, build_method
+from semiseg.losses.labels import class_histogram
+from semiseg.methods.base import Batch, MethodContext, StepInfo
 from semiseg.methods.dhc import DHC
 
 C = 3

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from semiseg.catalog import build_method
 from semiseg.config import load_config
 from semiseg.errors import ConfigError
 from semiseg.losses.generic_ssl import (
@@ -19,7 +20,7 @@ from semiseg.losses.generic_ssl import (
     q_sample,
 )
 from semiseg.losses.segmentation import dice_ce_loss
-from semiseg.methods.base import Batch, MethodContext, StepInfo, build_method
+from semiseg.methods.base import Batch, MethodContext, StepInfo
 from semiseg.methods.generic_ssl import GenericSSL
 
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from semiseg.catalog import build_method
 from semiseg.errors import ConfigError, DataError
 from semiseg.losses.ga import ga_ce_loss, ga_dice_loss
 from semiseg.losses.magic_cube import squared_dice_loss
-from semiseg.methods.base import Batch, Method, MethodContext, StepInfo, build_method
+from semiseg.methods.base import Batch, Method, MethodContext, StepInfo
 from semiseg.models.magic_cube import partition_cubes, recover_cubes
 
 P = 32
@@ -24,7 +25,7 @@ TERMS = {"seg_ce", "seg_dice", "unmix_dice", "local_dice", "location", "consiste
 def _context(model_name: str = "magicnet", **extra: object) -> MethodContext:
     options = {"n_filters": 4, "normalization": "none", "location_hidden": 16, **extra}
     return MethodContext(num_classes=4, model_name=model_name, model_options=options,
-                         patch_size=(P, P, P), max_iterations=100)
+                         patch_size=(P, P, P))
 
 
 def _method(name: str = "magicnet", **options: object) -> Method:

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from semiseg.methods.base import Batch, MethodContext, StepInfo, build_method
+from semiseg.catalog import build_method
+from semiseg.methods.base import Batch, MethodContext, StepInfo
 from semiseg.methods.ema import EMATeacher, ema_decay_at
 from semiseg.methods.mean_teacher import softmax_mse_consistency, uamt_consistency
 
@@ -47,7 +48,7 @@ def test_consistency_hand_case() -> None:
 
 def _context() -> MethodContext:
     return MethodContext(num_classes=4, model_name="vnet", model_options={"n_filters": 4},
-                         patch_size=(32, 32, 32), max_iterations=100)
+                         patch_size=(32, 32, 32))
 
 
 def test_mean_teacher_step_weights_and_ema() -> None:

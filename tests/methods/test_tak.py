@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from semiseg.catalog import build_method
 from semiseg.config import load_config, validate_options
 from semiseg.errors import ConfigError, DataError
 from semiseg.knowledge.embeddings import TextEmbeddings, save_embeddings
 from semiseg.losses.tak import IGNORE, entropy, stack_scales, tak_contrastive_loss
-from semiseg.methods.base import Batch, Method, MethodContext, StepInfo, build_method
+from semiseg.methods.base import Batch, Method, MethodContext, StepInfo
 from semiseg.methods.tak import TAKMethod, TAKOptions
 from semiseg.models.tak import SCALE_STAGES
 
@@ -32,7 +33,7 @@ def embedding_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _context(model_name: str = "tak", **extra: object) -> MethodContext:
     options = {"n_filters": 4, "normalization": "none", "location_hidden": 16, **extra}
     return MethodContext(num_classes=4, model_name=model_name, model_options=options,
-                         patch_size=(P, P, P), max_iterations=100, class_names=CLASSES)
+                         patch_size=(P, P, P), class_names=CLASSES)
 
 
 def _method(embedding_file: Path, **options: object) -> TAKMethod:

@@ -13,20 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semiseg.catalog import build_method, is_semi_supervised, list_methods
 from semiseg.config import load_config
 from semiseg.data.classes import SYNAPSE
 from semiseg.engine.checkpoint import save_checkpoint
 from semiseg.errors import ConfigError, DataError, SemisegError
 from semiseg.losses.scdl import e2p_loss, p2e_loss
-from semiseg.methods.base import (
-    Batch,
-    Method,
-    MethodContext,
-    StepInfo,
-    build_method,
-    is_semi_supervised,
-    list_methods,
-)
+from semiseg.methods.base import Batch, Method, MethodContext, StepInfo
 from semiseg.plugins.scdl import CDBA, CDBAInjector, SCDLMethod, SCDLOptions
 
 P = 32
@@ -41,7 +34,7 @@ def _context(model: str = "vnet", num_classes: int = CLASSES) -> MethodContext:
     if model == "magicnet":
         options.update(normalization="none", location_hidden=16)
     return MethodContext(num_classes=num_classes, model_name=model, model_options=options,
-                         patch_size=(P, P, P), max_iterations=100)
+                         patch_size=(P, P, P))
 
 
 def _build(name: str, seed: int = 0, host: dict | None = None, **scdl: object) -> SCDLMethod:

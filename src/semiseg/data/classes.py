@@ -75,6 +75,7 @@ def _organs(rows: list[tuple[str, str, bool]]) -> tuple[OrganClass, ...]:
     )
 
 
+# Data tables (the two class sets share their first rows, which a duplicate finder pairs).
 SYNAPSE = ClassSet(
     name="synapse",
     organs=_organs(

@@ -1,7 +1,7 @@
 """Readers for the preprocessed downloads that the official repositories train on directly.
 
 A user who already has one of these folders can train without running ``semiseg prepare``:
-:meth:`semiseg.data.store.CaseStore.open` detects the layout (or takes ``layout="dhc"`` /
+:func:`semiseg.data.layouts.open_store` detects the layout (or takes ``layout="dhc"`` /
 ``"galoss"``) and returns the same (X, Y, Z) float32 images and uint8 labels as the semiseg layout.
 Facts are from the research notes (``dhc_genericssl.md`` sections 2, 9; ``galoss.md`` section 4;
 ``magicnet.md`` section 3) and the official loaders they cite.
@@ -32,22 +32,23 @@ Neither layout records voxel spacing or the raw geometry: :meth:`CaseStore.spaci
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from semiseg.data.classes import AMOS, SYNAPSE, ClassSet, get_class_set
-from semiseg.data.prepare import resize_image, resize_labels
-from semiseg.data.store import (
+from semiseg.data.arrays import (
     ArrayRef,
     ArraySource,
     CaseEntry,
-    CaseStore,
     Intensity,
     apply_intensity,
     get_intensity,
 )
+from semiseg.data.classes import AMOS, SYNAPSE, ClassSet, get_class_set
+from semiseg.data.resample import resize_image, resize_labels
+from semiseg.data.store import CaseStore
 from semiseg.errors import DataError
 
 LAYOUTS = ("dhc", "galoss")
@@ -62,7 +63,7 @@ def _has(folder: Path, pattern: str) -> bool:
     return folder.is_dir() and next(folder.glob(pattern), None) is not None
 
 
-def detect_layout(root: str | Path) -> str:
+def detect_official_layout(root: str | Path) -> str:
     """``dhc`` or ``galoss`` for an official folder; :class:`DataError` when neither fits."""
     root = Path(root)
     if _has(root / "npy", "*_image.npy"):
@@ -111,7 +112,7 @@ class DhcSource(ArraySource):
         _check_3d(raw, entry.label)
         labels = _non_negative(np.asarray(raw), entry.label).transpose(2, 1, 0)
         if self._halve(labels.shape):
-            return resize_labels(labels, self.shape(raw.shape))
+            return resize_labels(labels.astype(np.uint8), self.shape(raw.shape))
         return np.ascontiguousarray(labels)
 
     @property
@@ -168,32 +169,28 @@ def _infer_class_set(root: Path, ids: list[str], requested: str | ClassSet | Non
     raise DataError(f"{root}: mixes AMOS and Synapse case ids; pass the class set explicitly")
 
 
-def _npy_entries(folder: Path, record: dict[str, Any]) -> dict[str, CaseEntry]:
+def _entries(folder: Path, suffix: str, refs: Callable[[Path, str], tuple[ArrayRef, ArrayRef]],
+             record: dict[str, Any]) -> dict[str, CaseEntry]:
+    """One case per file ``*<suffix>`` of ``folder``; ``refs(file, case id)`` gives its image
+    and label arrays."""
     entries = {}
-    for image in sorted(folder.glob("*_image.npy")):
-        case_id = image.name[: -len("_image.npy")]
-        entries[case_id] = CaseEntry(
-            case_id=case_id,
-            image=ArrayRef(image),
-            label=ArrayRef(folder / f"{case_id}_label.npy"),
-            spacing=_UNKNOWN_SPACING,
-            record={**record, "file": str(image)},
-        )
+    for path in sorted(folder.glob(f"*{suffix}")):
+        case_id = path.name[: -len(suffix)]
+        image, label = refs(path, case_id)
+        entries[case_id] = CaseEntry(case_id=case_id, image=image, label=label,
+                                     spacing=_UNKNOWN_SPACING, record={**record, "file": str(path)})
     return entries
+
+
+def _npy_entries(folder: Path, record: dict[str, Any]) -> dict[str, CaseEntry]:
+    return _entries(folder, "_image.npy",
+                    lambda path, case: (ArrayRef(path), ArrayRef(folder / f"{case}_label.npy")),
+                    record)
 
 
 def _h5_entries(folder: Path, record: dict[str, Any]) -> dict[str, CaseEntry]:
-    entries = {}
-    for path in sorted(folder.glob("*.h5")):
-        case_id = path.name[: -len(".h5")]
-        entries[case_id] = CaseEntry(
-            case_id=case_id,
-            image=ArrayRef(path, "image"),
-            label=ArrayRef(path, "label"),
-            spacing=_UNKNOWN_SPACING,
-            record={**record, "file": str(path)},
-        )
-    return entries
+    return _entries(folder, ".h5", lambda path, _: (ArrayRef(path, "image"),
+                                                    ArrayRef(path, "label")), record)
 
 
 def open_official(

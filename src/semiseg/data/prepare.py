@@ -1,7 +1,7 @@
 """Raw CT downloads to the prepared (semiseg) layout, with the official preprocessing.
 
 The prepared arrays hold **Hounsfield units** after resampling; the intensity window is applied
-when arrays are loaded (:class:`~semiseg.data.store.CaseStore` ``intensity=``), as the official
+when arrays are loaded (:data:`semiseg.data.arrays.INTENSITIES`), as the official
 loaders do, so one prepared folder serves both the GALoss-family and the DHC-family pipelines.
 Facts are from the research notes (``dhc_genericssl.md`` sections 2 and 9, ``galoss.md``
 section 4).
@@ -19,15 +19,6 @@ Resampling profiles (``PROFILES``):
     grid GALoss evaluates on "to maintain consistency with the size in DHC".
 ``native``
     No resampling (the phantom, and small volumes such as the shared real-CT test case).
-
-Intensity transforms (``INTENSITIES``), applied at load time:
-
-``ga``
-    Clip to [-125, 275] HU, then (HU + 125) / 400 (GALoss's AMOS loader; TAK's loader).
-``dhc``
-    Clip to [-75, 275] HU, then min-max of the volume to [0, 1] (DHC and GenericSSL loaders).
-``none``
-    The stored values.
 
 The official resize ran on raw HU and the window afterwards, at load time; doing the same here
 gives the official arrays. Arrays stay in file voxel order (X, Y, Z) = the official (W, H, D);
@@ -48,16 +39,13 @@ from typing import Any
 
 import numpy as np
 
+from semiseg.data.arrays import Intensity, apply_intensity
 from semiseg.data.classes import AMOS, SYNAPSE, ClassSet
 from semiseg.data.io import Volume, affine_spacing, check_labels, check_pair, read_volume
-from semiseg.data.store import (  # noqa: F401 (intensity names re-exported)
-    INTENSITIES,
-    CaseWriter,
-    Intensity,
-    apply_intensity,
-    get_intensity,
-)
+from semiseg.data.resample import resize_image, resize_labels
+from semiseg.data.writer import CaseWriter
 from semiseg.errors import ConfigError, DataError, SemisegError
+from semiseg.utils.lookup import lookup
 
 Shape3 = tuple[int, int, int]
 
@@ -136,51 +124,7 @@ DEFAULT_PROFILE = "galoss"
 
 def get_profile(profile: str | PreprocessParams) -> PreprocessParams:
     """A resampling profile by name (``dhc``, ``galoss``, ``native``) or as given."""
-    if isinstance(profile, PreprocessParams):
-        return profile
-    try:
-        return PROFILES[profile]
-    except KeyError:
-        raise ConfigError(
-            f"unknown preprocessing profile {profile!r}; known: {', '.join(PROFILES)}"
-        ) from None
-
-
-# --------------------------------------------------------------------------- array steps
-
-
-def resize_image(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Trilinear resize (``align_corners=False``), as torch's ``F.interpolate`` does it in the
-    official preprocessing; identity when the shape already matches."""
-    import torch
-    import torch.nn.functional as F
-
-    shape = tuple(int(s) for s in shape)
-    if tuple(array.shape) == shape:
-        return np.asarray(array, dtype=np.float32)
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
-    out = F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)
-    return out[0, 0].numpy()
-
-
-def resize_labels(array: np.ndarray, shape: Sequence[int], centered: bool = False) -> np.ndarray:
-    """Nearest-neighbour resize; identity when the shape already matches.
-
-    ``centered=False`` is torch's legacy ``nearest`` (source index floor(i * in/out)), the rule
-    of the official preprocessing. ``centered=True`` is ``nearest-exact`` (floor((i + 0.5) *
-    in/out)), which matches the voxel-centre geometry of the trilinear image resize; it is the
-    right inverse for predictions made on the resized image (:func:`restore_labels`).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    shape = tuple(int(s) for s in shape)
-    labels = np.ascontiguousarray(array, dtype=np.uint8)
-    if tuple(labels.shape) == shape:
-        return labels
-    mode = "nearest-exact" if centered else "nearest"
-    out = F.interpolate(torch.from_numpy(labels)[None, None], size=shape, mode=mode)
-    return out[0, 0].numpy()
+    return lookup(PROFILES, profile, PreprocessParams, "preprocessing profile")
 
 
 # --------------------------------------------------------------------------- volumes
@@ -224,7 +168,7 @@ def preprocess_labels(labels: np.ndarray, record: Mapping[str, Any]) -> np.ndarr
     """Put a raw-grid label map on the prepared grid described by ``record`` (nearest)."""
     box = record["crop_box"]
     cropped = labels[tuple(slice(int(a), int(b)) for a, b in box)]
-    return resize_labels(cropped, record["resampled_shape"])
+    return resize_labels(cropped.astype(np.uint8), record["resampled_shape"])
 
 
 def restore_labels(labels: np.ndarray, record: Mapping[str, Any]) -> np.ndarray:
@@ -238,7 +182,8 @@ def restore_labels(labels: np.ndarray, record: Mapping[str, Any]) -> np.ndarray:
             f"{list(expected)} of {record.get('path') or 'the case'}"
         )
     box = [(int(a), int(b)) for a, b in record["crop_box"]]
-    restored = resize_labels(labels, [b - a for a, b in box], centered=True)
+    restored = resize_labels(np.asarray(labels).astype(np.uint8), [b - a for a, b in box],
+                             centered=True)
     out = np.zeros([int(s) for s in record["original_shape"]], dtype=np.uint8)
     out[tuple(slice(a, b) for a, b in box)] = restored
     return out
@@ -461,6 +406,7 @@ def prepare_amos(
     )
 
 
+# Data tables (they share most rows, which a duplicate finder pairs).
 # TotalSegmentator v2 "total" ids -> Synapse ids (/work/shared/data/README.md).
 TOTALSEG_TO_SYNAPSE: dict[int, int] = {
     1: 1,

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from semiseg.data.store import CaseStore
 from semiseg.errors import ConfigError, DataError
@@ -217,14 +217,3 @@ class TrainingBatches(Dataset):
             "case_ids": labeled + unlabeled,
             "iteration": iteration,
         }
-
-    def loader(self, start: int, stop: int, num_workers: int = 0) -> DataLoader:
-        """A DataLoader yielding batches ``start .. stop-1`` in order (resume = new start)."""
-        return DataLoader(
-            self,
-            batch_size=None,
-            sampler=range(int(start), int(stop)),
-            num_workers=num_workers,
-            persistent_workers=num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )

@@ -19,8 +19,9 @@ labelled, the fully supervised setting) is always available.
 Shipped splits (provenance in each file): ``synapse_dhc`` (DHC paper era = GALoss = SCDL = TAK's
 Synapse protocol; alias ``synapse_galoss``), ``synapse_genericssl`` (GenericSSL, and DHC's test
 list since 2024-01), ``synapse_magicnet`` (MagicNet's own 18/12 BTCV protocol), ``amos_dhc``
-(DHC = GALoss = TAK = SCDL AMOS lists; alias ``amos_galoss``). ``phantom`` is built from the size
-of the phantom store (:func:`semiseg.data.phantom.phantom_split`).
+(DHC = GALoss = TAK = SCDL AMOS lists; alias ``amos_galoss``). ``data.split: phantom`` is not a
+file: the run setup builds it for the size of the phantom store
+(:func:`semiseg.data.phantom.phantom_split`).
 """
 
 from __future__ import annotations
@@ -224,23 +225,16 @@ def _read_split_file(path: Path) -> Split:
     return split_from_dict(data, path)
 
 
-def load_split(
-    name_or_path: str | Path,
-    store: CaseStore | None = None,
-    num_cases: int | None = None,
-) -> Split:
+def load_split(name_or_path: str | Path) -> Split:
     """Load a shipped split by name, or a split YAML by path.
 
-    ``phantom`` builds the phantom split for ``num_cases`` cases, or for the size of ``store``.
+    ``phantom`` is built, not loaded: :func:`semiseg.data.phantom.phantom_split` for the size of
+    the phantom store (the run setup does this).
     """
     text = str(name_or_path)
     if text == "phantom":
-        count = num_cases if num_cases is not None else (len(store) if store is not None else None)
-        if count is None:
-            raise SplitError("split 'phantom' needs the phantom store (or its number of cases)")
-        from semiseg.data.phantom import phantom_split
-
-        return phantom_split(count, store.class_set.name if store is not None else "synapse")
+        raise SplitError("split 'phantom' needs the phantom store: it is built for the store's "
+                         "size (semiseg.data.phantom.phantom_split(num_cases)), not loaded")
     path = Path(text)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():

@@ -11,9 +11,11 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from semiseg.config import Config, build_dataclass, load_config_dict, merge, parse_override
-from semiseg.engine.runs import METRICS, evaluate_run
+from semiseg.config import Config, load_config_dict, merge, parse_override
+from semiseg.engine.metrics_file import METRICS_FILENAME
+from semiseg.engine.runs import evaluate_run
 from semiseg.engine.trainer import Trainer
+from semiseg.utils.typed import build_dataclass
 
 
 def demo_config(out: Path, config_path: Path | None = None,
@@ -64,7 +66,7 @@ def run_demo(out: Path, config_path: Path | None = None,
     print(f"[demo] done in {minutes:.1f} min. Everything is in {out}:")
     print(f"  checkpoints   {run_dir / 'checkpoints'}")
     print(f"  predictions   {run_dir / 'predictions'}  (NIfTI, open with the phantom images)")
-    print(f"  metrics       {run_dir / METRICS}")
+    print(f"  metrics       {run_dir / METRICS_FILENAME}")
     print(f"  tables/plots  {out / 'report'}")
     print(f"  logs          {run_dir / 'log.csv'}, tensorboard --logdir {run_dir / 'tensorboard'}")
     return run_dir

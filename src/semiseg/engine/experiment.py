@@ -45,9 +45,10 @@ from typing import Any
 import yaml
 
 from semiseg import __version__
-from semiseg.config import Config, build_dataclass, load_config_dict, merge, parse_override
+from semiseg.config import Config, load_config_dict, merge, parse_override
 from semiseg.errors import ConfigError, SemisegError
 from semiseg.utils.io import atomic_write_json
+from semiseg.utils.typed import build_dataclass
 
 MANIFEST = "manifest.json"
 

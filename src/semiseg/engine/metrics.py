@@ -81,9 +81,18 @@ def union_bounding_box(
     boxes = ndimage.find_objects(union.view(np.uint8))
     if not boxes or boxes[0] is None:
         return None
+    return merge_boxes([boxes[0]], union.shape, margin)
+
+
+def merge_boxes(boxes: Sequence[tuple[slice, ...]], shape: Sequence[int], margin: int = 1
+                ) -> tuple[slice, ...]:
+    """The bounding box of ``boxes`` (slices with starts and stops) grown by ``margin`` on every
+    side and clamped to an array of ``shape``: the crop whose values are exact (module
+    docstring)."""
     return tuple(
-        slice(max(box.start - margin, 0), min(box.stop + margin, size))
-        for box, size in zip(boxes[0], union.shape)
+        slice(max(min(box.start for box in axis) - margin, 0),
+              min(max(box.stop for box in axis) + margin, size))
+        for axis, size in zip(zip(*boxes), shape)
     )
 
 

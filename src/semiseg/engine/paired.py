@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from semiseg.engine.evaluation import EvaluationResult
+from semiseg.engine.results import EvaluationResult
 from semiseg.engine.tables import Column, Table, setting_slug, setting_title
 from semiseg.errors import DataError
 

@@ -243,7 +243,7 @@ def plot_proxies(path: str | Path, out: str | Path | None = None, cases: int = 2
     from semiseg.engine.runs import config_from_checkpoint
     from semiseg.engine.setup import build_method_for, open_split, open_store
     from semiseg.errors import CheckpointError
-    from semiseg.plugins.scdl import SCDLMethod
+    from semiseg.plugins.scdl.method import SCDLMethod
     from semiseg.utils.seed import resolve_device
 
     checkpoint = resolve_checkpoint(path)

@@ -1,7 +1,7 @@
 """A report folder from evaluated runs: tables, per-class bar charts and optional overlays.
 
 ``write_report`` reads every run's ``metrics.json`` (schema in
-:mod:`semiseg.engine.evaluation`), groups runs by (dataset, labeled ratio, method), summarises
+:mod:`semiseg.engine.metrics_file`), groups runs by (dataset, labeled ratio, method), summarises
 over seeds (:mod:`semiseg.engine.tables`) and writes, into ``out_dir``::
 
     report.md                         every table, figure and run, linked
@@ -22,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from semiseg.engine.evaluation import METRICS_FILENAME, EvaluationResult, read_metrics
+from semiseg.engine.metrics_file import METRICS_FILENAME, read_metrics
 from semiseg.engine.paired import (
     comparisons_to_json,
     paired_comparisons,
     paired_table,
     plot_paired,
 )
+from semiseg.engine.results import EvaluationResult
 from semiseg.engine.tables import (
     LAYOUTS,
     MethodAggregate,

@@ -13,23 +13,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from semiseg.config import Config, build_dataclass, load_config, merge, parse_override
+from semiseg.config import Config, load_config, merge, parse_override
 from semiseg.data.classes import get_class_set
 from semiseg.engine.checkpoint import BEST, load_checkpoint
 from semiseg.engine.distributed import is_main_process
-from semiseg.engine.evaluation import (
-    EvaluationResult,
-    RunInfo,
-    cases_from_mappings,
-    evaluate_cases,
-)
+from semiseg.engine.evaluation import cases_from_mappings, evaluate_cases
 from semiseg.engine.inference import predict_volume
+from semiseg.engine.metrics_file import METRICS_FILENAME, write_metrics
+from semiseg.engine.results import EvaluationResult, RunInfo
 from semiseg.engine.setup import build_method_for, open_split, open_store
 from semiseg.engine.trainer import Trainer, TrainResult
 from semiseg.errors import CheckpointError, SemisegError
 from semiseg.utils.seed import resolve_device
-
-METRICS = "metrics.json"
+from semiseg.utils.typed import build_dataclass
 
 
 def default_run_dir(config: Config) -> Path:
@@ -116,7 +112,7 @@ def evaluate_run(run_dir: Path, checkpoint: Path | None = None, split: str | Non
         config=str(config_path), checkpoint=str(checkpoint),
         experiment=config.experiment.name, split=which,
     ))
-    result.save(run_dir / METRICS)
+    write_metrics(result, run_dir / METRICS_FILENAME)
     return result
 
 

@@ -9,13 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from torch.utils.data import DataLoader
+
+from semiseg.catalog import build_method, is_semi_supervised
 from semiseg.config import Config
+from semiseg.data import layouts
 from semiseg.data.classes import ClassSet, get_class_set
+from semiseg.data.phantom import generate_dataset, phantom_split
 from semiseg.data.sampling import TrainingBatches
 from semiseg.data.splits import Split, load_split, validate_split
 from semiseg.data.store import CaseStore
 from semiseg.errors import ConfigError
-from semiseg.methods.base import Method, MethodContext, build_method, is_semi_supervised
+from semiseg.methods.base import Method, MethodContext
 
 
 @dataclass
@@ -31,11 +37,27 @@ class RunData:
     iterations_per_epoch: int
 
 
+def batch_loader(batches: TrainingBatches, start: int, stop: int, num_workers: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
+    """The DataLoader of the training loop: batches ``start .. stop-1`` in order (a resumed
+    run starts where it stopped), loaded by ``num_workers`` processes."""
+    return DataLoader(
+        batches,
+        sampler=range(int(start), int(stop)),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+        # Batches draw from (seed, iteration) only; a private generator keeps the DataLoader
+        # from consuming the global RNG, which resume restores exactly.
+        generator=torch.Generator(),
+    )
+
+
 def ensure_phantom(config: Config) -> Path:
     """Generate the built-in phantom under ``data.root``; cases already there are kept
     (generation is resumable and refuses a folder made with other phantom parameters)."""
-    from semiseg.data.phantom import generate_dataset
-
     root = Path(config.data.root)
     phantom = config.data.phantom
     generate_dataset(root, num_cases=phantom.num_cases, shape=phantom.shape,
@@ -54,14 +76,18 @@ def open_store(config: Config) -> tuple[ClassSet, CaseStore]:
         class_set = get_class_set(data.dataset)
     else:
         raise ConfigError(f"data.dataset: unknown dataset {data.dataset!r} (phantom|synapse|amos)")
-    store = CaseStore.open(Path(data.root), layout=data.layout, class_set=class_set,
-                           in_memory=data.in_memory,
-                           intensity=None if data.intensity == "auto" else data.intensity)
+    store = layouts.open_store(Path(data.root), layout=data.layout, class_set=class_set,
+                               in_memory=data.in_memory,
+                               intensity=None if data.intensity == "auto" else data.intensity)
     return class_set, store
 
 
 def open_split(config: Config, store: CaseStore) -> Split:
-    split = load_split(config.data.split, store=store)
+    """The run's split, checked against ``store``; ``phantom`` is built for the store's size."""
+    if config.data.split == "phantom":
+        split = phantom_split(len(store), store.class_set.name)
+    else:
+        split = load_split(config.data.split)
     validate_split(split, store, config.data.labeled_ratio)
     return split
 
@@ -106,8 +132,6 @@ def method_context(config: Config, class_set: ClassSet) -> MethodContext:
         model_name=config.model.name,
         model_options=dict(config.model.options),
         patch_size=tuple(config.data.patch_size),
-        weight_decay=config.train.weight_decay,
-        max_iterations=config.train.max_iterations,
         class_names=tuple(["background", *class_set.names]),
     )
 

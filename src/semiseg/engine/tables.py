@@ -37,7 +37,7 @@ from typing import Any, Literal
 import numpy as np
 
 from semiseg.data.classes import ClassSet
-from semiseg.engine.evaluation import EvaluationResult
+from semiseg.engine.results import EvaluationResult
 from semiseg.errors import ConfigError, DataError
 
 LAYOUTS = ("table1", "per_class", "ablation")

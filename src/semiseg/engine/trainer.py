@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from semiseg.config import Config, save_config
@@ -43,6 +42,7 @@ from semiseg.engine.logging import RunLogger
 from semiseg.engine.objective import combine_losses
 from semiseg.engine.setup import (
     RunData,
+    batch_loader,
     build_method_for,
     iterations_per_epoch,
     prepare_run_data,
@@ -137,8 +137,6 @@ class Trainer:
             self.optimizer = torch.optim.SGD(groups, lr=cfg.train.lr,
                                              momentum=cfg.train.momentum,
                                              nesterov=cfg.train.nesterov)
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = cfg.train.lr * group.get("lr_scale", 1.0)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
         # DDP (several processes) broadcasts rank 0's weights here, EMA teachers included.
@@ -209,20 +207,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _batches(self) -> Iterator[Batch]:
-        workers = self.config.data.num_workers
-        indices = range(self.iteration, self.config.train.max_iterations)
-        loader = DataLoader(
-            self.data.batches,
-            sampler=indices,
-            batch_size=None,
-            num_workers=workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-            prefetch_factor=2 if workers > 0 else None,
-            # Batches draw from (seed, iteration) only; a private generator keeps the
-            # DataLoader from consuming the global RNG, which resume restores exactly.
-            generator=torch.Generator(),
-        )
+        loader = batch_loader(self.data.batches, self.iteration, self.config.train.max_iterations,
+                              self.config.data.num_workers, pin_memory=self.device.type == "cuda")
         for item in loader:
             yield Batch.from_dict(item)
 
@@ -256,7 +242,7 @@ class Trainer:
         lr = (poly_lr(train.lr, min(step.iteration, horizon - 1), horizon, train.poly_power)
               if train.lr_schedule == "poly" else train.lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr
         batch = batch.to(self.device)
         if train.channels_last:
             batch.image = batch.image.contiguous(memory_format=torch.channels_last_3d)

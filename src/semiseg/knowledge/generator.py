@@ -399,10 +399,10 @@ def generate_knowledge(base: Knowledge, cases: Sequence[LabeledCase], client: Ch
 def sample_cases(data_root: str | Path, class_set: str, num_cases: int, seed: int,
                  layout: str = "auto") -> list[LabeledCase]:
     """``num_cases`` labeled cases drawn at random (``seed``) from prepared data."""
-    from semiseg.data.store import CaseStore
+    from semiseg.data.layouts import open_store
 
-    store = CaseStore.open(data_root, layout=layout, class_set=class_set, in_memory=False,
-                           intensity="none")
+    store = open_store(data_root, layout=layout, class_set=class_set, in_memory=False,
+                       intensity="none")
     labeled = [case_id for case_id in store.ids if store.has_label(case_id)]
     if not labeled:
         raise SemisegError(f"{data_root}: no labeled cases to show the verifier")

@@ -22,11 +22,14 @@ is 0 here, NaN officially; see :func:`weighted_cross_entropy`).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from semiseg.losses.segmentation import soft_dice_loss
+from semiseg.losses.labels import class_histogram
+from semiseg.losses.segmentation import dice_ce_loss, soft_dice_loss
 
 # The official code adds 1e-8 to every count before taking the ratio, so an absent class
 # (N_c = 0) gets a finite, very large log-ratio rather than infinity.
@@ -39,19 +42,6 @@ DICE_SMOOTH = 1e-8
 def ema(current: Tensor, previous: Tensor, momentum: float) -> Tensor:
     """``momentum * previous + (1 - momentum) * current`` (DHC ``utils.EMA``)."""
     return momentum * previous + (1.0 - momentum) * current
-
-
-def class_histogram(labels: Tensor, num_classes: int) -> Tensor:
-    """Voxel count of every class ``0..C-1`` in integer ``labels`` (any shape), float64.
-
-    Equals the official ``np.histogram(label, range(C + 1))``; values outside ``0..C-1``
-    raise, since they would silently fall out of the histogram.
-    """
-    flat = labels.reshape(-1).long()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_classes):
-        raise ValueError(f"labels hold values outside 0..{num_classes - 1}: "
-                         f"[{int(flat.min())}, {int(flat.max())}]")
-    return torch.bincount(flat, minlength=num_classes).to(torch.float64)
 
 
 def distdw_weights(counts: Tensor) -> Tensor:
@@ -260,3 +250,20 @@ def weighted_dice_ce(logits: Tensor, target: Tensor, dice_weight: Tensor | None,
         target = target[:, 0]
     dice = soft_dice_loss(torch.softmax(logits.float(), dim=1), target, dice_weight)
     return dice + weighted_cross_entropy(logits, target, ce_weight)
+
+
+SupLoss = Literal["w_ce+dice", "wce+dice", "ce+dice"]
+
+
+def dhc_supervised_loss(logits: Tensor, label: Tensor, weight: Tensor | None,
+                        kind: SupLoss = "w_ce+dice") -> Tensor:
+    """The DHC scripts' ``--sup_loss``: ``w_ce+dice`` (class weights in Dice and CE),
+    ``wce+dice`` (weights in the CE only) or ``ce+dice`` (unweighted); batch soft Dice without
+    background, smoothing 1, as :func:`semiseg.losses.segmentation.dice_ce_loss`."""
+    if kind == "ce+dice" or weight is None:
+        return dice_ce_loss(logits, label)
+    if kind == "w_ce+dice":
+        return dice_ce_loss(logits, label, weight.to(torch.float32))
+    target = label.long()
+    return (soft_dice_loss(torch.softmax(logits, 1), target)
+            + F.cross_entropy(logits, target, weight=weight.to(logits.dtype)))

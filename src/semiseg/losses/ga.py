@@ -13,14 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from semiseg.losses.magic_cube import squared_dice_terms
+
 _SMOOTH = 1e-10  # the official smoothing constant (numerator and denominator)
-
-
-def one_hot_labels(target: Tensor, num_classes: int) -> Tensor:
-    """Integer labels ``[B, ...]`` (or ``[B, 1, ...]``) to a float one-hot ``[B, C, ...]``."""
-    if target.dim() >= 2 and target.size(1) == 1:
-        target = target[:, 0]
-    return F.one_hot(target.long(), num_classes).movedim(-1, 1).to(torch.float32)
 
 
 def ga_dice_loss(probs: Tensor, target: Tensor) -> Tensor:
@@ -39,14 +34,8 @@ def ga_dice_loss(probs: Tensor, target: Tensor) -> Tensor:
     Returns ``Σ_c l_c / C``.
     """
     num_classes = probs.size(1)
-    onehot = one_hot_labels(target, num_classes).to(probs.dtype)
-    if onehot.shape != probs.shape:
-        raise ValueError(f"probs {tuple(probs.shape)} and target {tuple(target.shape)} disagree")
+    dice, target_sq = squared_dice_terms(probs, target, _SMOOTH)
     dims = [0, *range(2, probs.dim())]
-    intersect = (probs * onehot).sum(dims)
-    prob_sq = (probs * probs).sum(dims)
-    target_sq = onehot.sum(dims)  # t² = t for a one-hot target
-    dice = 1.0 - (2.0 * intersect + _SMOOTH) / (prob_sq + target_sq + _SMOOTH)
     voxels = probs.numel() // num_classes
     absent_term = (probs.detach() * probs).sum(dims) / voxels
     per_class = torch.where(target_sq > 0, dice, absent_term)

@@ -15,9 +15,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from semiseg.losses.ga import one_hot_labels
+from semiseg.losses.labels import one_hot_labels
 
 _SMOOTH = 1e-10  # MagicNet's Dice smoothing (numerator and denominator)
+
+
+def squared_dice_terms(probs: Tensor, target: Tensor, smooth: float) -> tuple[Tensor, Tensor]:
+    """Per-class squared-denominator Dice loss ``l_c = 1 - (2 Σ p_c t_c + ε) / (Σ p_c² + Σ t_c²
+    + ε)`` with sums over the batch and all voxels, and the per-class target counts ``Σ t_c``.
+
+    ``probs`` softmax probabilities ``[B, C, ...]``, ``target`` integer labels ``[B, ...]``. The
+    Dice of MagicNet (:func:`squared_dice_loss`) and of GALoss's GADice for present classes
+    (:func:`semiseg.losses.ga.ga_dice_loss`).
+    """
+    onehot = one_hot_labels(target, probs.size(1)).to(probs.dtype)
+    if onehot.shape != probs.shape:
+        raise ValueError(f"probs {tuple(probs.shape)} and target {tuple(target.shape)} disagree")
+    dims = [0, *range(2, probs.dim())]
+    intersect = (probs * onehot).sum(dims)
+    prob_sq = (probs * probs).sum(dims)
+    target_sq = onehot.sum(dims)  # t² = t for a one-hot target
+    return 1.0 - (2.0 * intersect + smooth) / (prob_sq + target_sq + smooth), target_sq
 
 
 def squared_dice_loss(probs: Tensor, target: Tensor) -> Tensor:
@@ -30,14 +48,7 @@ def squared_dice_loss(probs: Tensor, target: Tensor) -> Tensor:
     A class absent from the target contributes ``1 - ε / (Σ p_c² + ε)`` ≈ 1 with a vanishing
     gradient (GADice replaces exactly this case by its gradient term).
     """
-    num_classes = probs.size(1)
-    onehot = one_hot_labels(target, num_classes).to(probs.dtype)
-    if onehot.shape != probs.shape:
-        raise ValueError(f"probs {tuple(probs.shape)} and target {tuple(target.shape)} disagree")
-    dims = [0, *range(2, probs.dim())]
-    intersect = (probs * onehot).sum(dims)
-    denominator = (probs * probs).sum(dims) + onehot.sum(dims)  # t² = t for one-hot
-    return (1.0 - (2.0 * intersect + _SMOOTH) / (denominator + _SMOOTH)).mean()
+    return squared_dice_terms(probs, target, _SMOOTH)[0].mean()
 
 
 def cube_location_loss(locate: Callable[[Tensor], Tensor], bottleneck: Tensor, labels: Tensor,

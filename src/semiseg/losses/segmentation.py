@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from semiseg.losses.ga import one_hot_labels
+from semiseg.losses.labels import one_hot_labels
 
 
 def soft_dice_loss(probs: Tensor, target: Tensor, weight: Tensor | None = None,

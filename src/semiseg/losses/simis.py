@@ -28,18 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from semiseg.losses.labels import class_histogram
+
 # The official frequency (N_c + 1e-8) / (Σ N + 1e-8) (numpy, float64).
 FREQ_EPS = 1e-8
-
-
-def class_counts(labels: Tensor, num_classes: int) -> Tensor:
-    """Voxel count of each class 0..C-1 in integer ``labels`` (float64); values outside
-    0..C-1 raise (``np.histogram(label, range(C + 1))`` would silently drop them)."""
-    flat = labels.reshape(-1).long()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_classes):
-        raise ValueError(f"labels hold values outside 0..{num_classes - 1}: "
-                         f"[{int(flat.min())}, {int(flat.max())}]")
-    return torch.bincount(flat, minlength=num_classes).to(torch.float64)
 
 
 def simis_gap_weights(counts: Tensor) -> Tensor:
@@ -90,7 +82,7 @@ class SimiSWeights(nn.Module):
     def update(self, logits: Tensor) -> Tensor:
         """``w ← m w + (1 - m) C (max P - P)`` with P from ``argmax logits`` (all voxels of
         the batch); returns the new weights (float64)."""
-        counts = class_counts(logits.detach().argmax(1), self.num_classes)
+        counts = class_histogram(logits.detach().argmax(1), self.num_classes)
         current = simis_gap_weights(counts).to(self.weights.device)
         self.weights.mul_(self.momentum).add_(current, alpha=1.0 - self.momentum)
         return self.weights.clone()

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from semiseg.losses.schedule import sigmoid_rampup
+
 IGNORE = -1  # label of voxels that are never sampled (uncertain pseudo labels)
 LN2 = math.log(2.0)
 
@@ -39,12 +41,8 @@ def entropy_threshold(epoch: float, maximum: float = LN2, floor: float = 0.75,
     Official values: ``ln 2 (0.75 + 0.25 sigmoid_rampup(epoch, 100))``: 0.521 at epoch 0, 0.570 at
     epoch 50, ln 2 from epoch 100 on. The threshold grows, so more unlabeled voxels pass later.
     """
-    if rampup_epochs <= 0:
-        ramp = 1.0
-    else:  # sigmoid_rampup of semiseg.methods.cps; not imported: losses must not import methods
-        phase = 1.0 - min(max(epoch, 0.0), rampup_epochs) / rampup_epochs
-        ramp = math.exp(-5.0 * phase * phase)
-    return maximum * (floor + (1.0 - floor) * ramp)
+    # sigmoid_rampup is 1 for a length <= 0, the threshold's "no ramp".
+    return maximum * (floor + (1.0 - floor) * sigmoid_rampup(epoch, rampup_epochs))
 
 
 def sample_per_class(labels: Tensor, count: int, groups: Tensor | None = None) -> Tensor:

@@ -28,6 +28,8 @@ import math
 import torch
 from torch import Tensor
 
+from semiseg.losses.schedule import sigmoid_rampup
+
 # The official entropy uses ln(p + 1e-6) so that p = 0 contributes 0 * ln(1e-6) = 0.
 LOG_EPS = 1e-6
 
@@ -49,10 +51,6 @@ def uncertainty_threshold(current: float, length: float, max_uncertainty: float 
     The official codes use ``U_max = ln 2``; ``current`` / ``length`` are epochs in DHC's port
     (iterations in the original UA-MT code).
     """
-    # Imported here: importing semiseg.methods (for cps) would import this module again
-    # through semiseg.methods.uamt while it is half initialised.
-    from semiseg.methods.cps import sigmoid_rampup
-
     return (0.75 + 0.25 * sigmoid_rampup(current, length)) * max_uncertainty
 
 

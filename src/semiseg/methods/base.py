@@ -6,25 +6,23 @@ it sums the terms with the method's (possibly scheduled) weights times the confi
 ``train.loss_weights`` scales, back-propagates, steps one SGD optimiser over
 :meth:`Method.parameter_groups`, then calls :meth:`Method.after_step` (EMA updates).
 
-Methods register themselves with :func:`register_method`; plug-ins (SCDL, TAK) wrap a host
-method without editing its file.
+A method also says which networks it trains (:meth:`Method.networks`), so that a plug-in
+(SCDL) attaches to them without searching the module tree. Methods register themselves with
+:func:`semiseg.methods.registry.register_method`; the composition root :mod:`semiseg.catalog`
+imports every built-in method and plug-in.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-import difflib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-
-from semiseg.config import validate_options
-from semiseg.errors import ConfigError
 
 
 @dataclass
@@ -78,9 +76,16 @@ class MethodContext:
     model_name: str = "vnet"
     model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     patch_size: tuple[int, int, int] = (96, 96, 96)
-    weight_decay: float = 1e-4
-    max_iterations: int = 30000
     class_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MethodNetworks:
+    """The segmentation networks of a method, in a fixed order: those the optimiser trains
+    (student, the two co-trained networks) and the EMA teachers that follow them."""
+
+    trained: tuple[nn.Module, ...]
+    teachers: tuple[nn.Module, ...] = ()
 
 
 @dataclass
@@ -92,7 +97,8 @@ class Method(nn.Module, abc.ABC):
     """Base class of training methods.
 
     Subclasses set ``name`` and ``Options`` (a dataclass of method options; the config's
-    ``method.options`` are validated against it) and implement :meth:`training_step`.
+    ``method.options`` are validated against it) and implement :meth:`training_step`,
+    :meth:`networks` and :meth:`inference_network`.
     """
 
     name: ClassVar[str] = ""
@@ -127,7 +133,11 @@ class Method(nn.Module, abc.ABC):
         params = [p for p in self.parameters() if p.requires_grad]
         return [{"params": params, "weight_decay": weight_decay}]
 
-    # -- inference --------------------------------------------------------------------------
+    # -- networks ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def networks(self) -> MethodNetworks:
+        """The networks this method trains and their EMA teachers (plug-ins attach to them)."""
+
     @abc.abstractmethod
     def inference_network(self) -> nn.Module:
         """The network whose logits are evaluated (student, or one of two co-trained nets)."""
@@ -141,78 +151,3 @@ class Method(nn.Module, abc.ABC):
     def frozen_modules(self) -> Iterable[nn.Module]:
         """Modules kept in eval mode during training (EMA teachers)."""
         return ()
-
-
-MethodClass = type[Method]
-_METHODS: dict[str, MethodClass] = {}
-_PLUGINS: dict[str, Callable[..., Method]] = {}
-
-
-def register_method(name: str) -> Callable[[MethodClass], MethodClass]:
-    """Class decorator registering a method under ``name``."""
-
-    def decorator(cls: MethodClass) -> MethodClass:
-        if name in _METHODS:
-            raise ValueError(f"method {name!r} is registered twice")
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
-
-    return decorator
-
-
-def register_plugin(prefix: str) -> Callable[[Callable[..., Method]], Callable[..., Method]]:
-    """Register a plug-in builder: method ``<prefix>_<host>`` = plug-in attached to ``host``.
-
-    The builder is called as ``builder(host_cls, context, options_dict)``.
-    """
-
-    def decorator(builder: Callable[..., Method]) -> Callable[..., Method]:
-        _PLUGINS[prefix] = builder
-        return builder
-
-    return decorator
-
-
-def list_methods() -> list[str]:
-    names = list(_METHODS)
-    for prefix in _PLUGINS:
-        names.extend(f"{prefix}_{host}" for host in _METHODS)
-    return sorted(names)
-
-
-def get_method_class(name: str) -> MethodClass:
-    if name not in _METHODS:
-        close = difflib.get_close_matches(name, list_methods(), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown method {name!r}{hint}; known: {', '.join(list_methods())}")
-    return _METHODS[name]
-
-
-def resolve_method(name: str) -> tuple[str | None, MethodClass]:
-    """Split ``name`` into (plug-in prefix or None, host method class)."""
-    _import_builtin_methods()
-    for prefix in _PLUGINS:
-        host = name[len(prefix) + 1 :]
-        if name.startswith(prefix + "_") and host in _METHODS:
-            return prefix, _METHODS[host]
-    return None, get_method_class(name)
-
-
-def is_semi_supervised(name: str) -> bool:
-    """Whether method ``name`` (plug-ins included) trains on unlabeled crops."""
-    return bool(resolve_method(name)[1].semi_supervised)
-
-
-def build_method(name: str, context: MethodContext, options: dict[str, Any]) -> Method:
-    """Build method ``name`` (a registered method or ``<plugin>_<host>``)."""
-    prefix, cls = resolve_method(name)
-    if prefix is not None:
-        return _PLUGINS[prefix](cls, context, dict(options))
-    parsed = validate_options(cls.Options, dict(options), "method.options")
-    return cls(context, parsed)
-
-
-def _import_builtin_methods() -> None:
-    # Importing the package registers every built-in method and plug-in.
-    import semiseg.methods  # noqa: F401

@@ -23,16 +23,11 @@ Inference averages the two networks' logits (official ``test.py --cps AB``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from semiseg.errors import ConfigError, DataError
 from semiseg.losses.cld import (
     ConfidenceBank,
     cld_class_weights,
@@ -40,27 +35,12 @@ from semiseg.losses.cld import (
     sampling_mask,
     sampling_rate,
 )
-from semiseg.losses.segmentation import dice_ce_loss, soft_dice_loss
-from semiseg.losses.simis import class_counts
-from semiseg.methods.base import Batch, Method, MethodContext, StepInfo, register_method
-from semiseg.methods.cps import LogitAverage
-from semiseg.methods.dhc_schedule import check_class_counts, co_trained_pair, consistency_weight
-
-SupLoss = Literal["w_ce+dice", "wce+dice", "ce+dice"]
-
-
-def dhc_supervised_loss(logits: Tensor, label: Tensor, weight: Tensor | None,
-                        kind: SupLoss = "w_ce+dice") -> Tensor:
-    """The DHC scripts' ``--sup_loss``: ``w_ce+dice`` (class weights in Dice and CE),
-    ``wce+dice`` (weights in the CE only) or ``ce+dice`` (unweighted); batch soft Dice without
-    background, smoothing 1, as :func:`semiseg.losses.segmentation.dice_ce_loss`."""
-    if kind == "ce+dice" or weight is None:
-        return dice_ce_loss(logits, label)
-    if kind == "w_ce+dice":
-        return dice_ce_loss(logits, label, weight.to(torch.float32))
-    target = label.long()
-    return (soft_dice_loss(torch.softmax(logits, 1), target)
-            + F.cross_entropy(logits, target, weight=weight.to(logits.dtype)))
+from semiseg.losses.dhc import SupLoss, dhc_supervised_loss
+from semiseg.methods.base import Batch, MethodContext, StepInfo
+from semiseg.methods.co_training import ClassWeightedPair
+from semiseg.methods.dhc_schedule import check_class_counts, consistency_weight
+from semiseg.methods.registry import register_method
+from semiseg.models.init import InitScheme
 
 
 @dataclass
@@ -81,8 +61,8 @@ class CLDOptions:
     sampling_gamma: float = 0.5
     min_sampling_rate: float = 0.0  # official min_sr
     sup_loss: SupLoss = "w_ce+dice"  # --sup_loss
-    init_a: Literal["kaiming", "xavier", "default"] = "kaiming"
-    init_b: Literal["kaiming", "xavier", "default"] = "xavier"
+    init_a: InitScheme = "kaiming"
+    init_b: InitScheme = "xavier"
 
     def __post_init__(self) -> None:
         # ValueError is reported by the config loader as a ConfigError naming method.options.
@@ -101,7 +81,7 @@ class CLDOptions:
 
 
 @register_method("cld")
-class CLD(Method):
+class CLD(ClassWeightedPair):
     """Two VNets, class-weighted supervision and confidence-sampled cross pseudo labels."""
 
     Options = CLDOptions
@@ -111,33 +91,22 @@ class CLD(Method):
     def __init__(self, context: MethodContext, options: CLDOptions) -> None:
         super().__init__(context, options)
         c = context.num_classes
-        self.net_a, self.net_b = co_trained_pair(context, options.init_a, options.init_b)
         # Official: A's bank starts from torch.rand(C), B's from a copy of it.
         start = torch.rand(c)
         self.bank_a = ConfidenceBank(start, options.confidence_momentum, options.confidence_iters)
         self.bank_b = ConfidenceBank(start, options.confidence_momentum, options.confidence_iters)
         self.register_buffer("class_weight", torch.ones(c))
         self.register_buffer("weights_ready", torch.zeros((), dtype=torch.bool))
-        if options.class_counts is not None:
-            if len(options.class_counts) != c:
-                raise ConfigError(f"method.options.class_counts has {len(options.class_counts)} "
-                                  f"entries, expected {c}")
-            self._set_counts(torch.tensor(options.class_counts, dtype=torch.float64))
+        self.initialise_from_options()
 
-    def _set_counts(self, counts: Tensor) -> None:
+    def initialise_class_counts(self, counts: Tensor) -> None:
+        """Class weights from the labeled voxel histogram (official
+        ``Synapse_AMOS_cld.weight``)."""
         self.class_weight.copy_(cld_class_weights(counts, self.options.weight_power))
         self.weights_ready.fill_(True)
 
-    def observe_labeled_labels(self, labels: Iterable[np.ndarray]) -> None:
-        """Class weights from the voxel histogram of every labeled training volume (official
-        ``Synapse_AMOS_cld.weight``), unless ``class_counts`` fixes them."""
-        if self.options.class_counts is not None:
-            return
-        total = torch.zeros(self.context.num_classes, dtype=torch.float64)
-        for label in labels:
-            total += class_counts(torch.from_numpy(np.asarray(label)), self.context.num_classes)
-        if bool(total.gt(0).any()):
-            self._set_counts(total)
+    def class_counts_ready(self) -> bool:
+        return bool(self.weights_ready)
 
     def loss_weights(self, step: StepInfo) -> dict[str, float]:
         opts = self.options
@@ -146,15 +115,7 @@ class CLD(Method):
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
         n = batch.num_labeled
-        if n == 0:
-            raise DataError(f"{self.name}: a batch needs labeled crops (got 0 of "
-                            f"{batch.image.size(0)})")
-        if not bool(self.weights_ready):
-            # Only without the run's data (observe_labeled_labels gives the official
-            # whole-volume histogram): the labeled crops of the first batch.
-            self._set_counts(class_counts(batch.label, self.context.num_classes))
-        logits_a = self.net_a(batch.image)
-        logits_b = self.net_b(batch.image)
+        logits_a, logits_b, pred_a, pred_b = self.labeled_pair_logits(batch)
         label = batch.label.long()
         # Confidence banks first: this iteration's labeled outputs enter the rates it uses.
         self.bank_a.record(logits_a[:n], label)
@@ -165,8 +126,6 @@ class CLD(Method):
             "sup_dice_ce_a": dhc_supervised_loss(logits_a[:n], label, weight, kind),
             "sup_dice_ce_b": dhc_supervised_loss(logits_b[:n], label, weight, kind),
         }
-        pred_a = logits_a.detach().argmax(1)
-        pred_b = logits_b.detach().argmax(1)
         gamma, floor = self.options.sampling_gamma, self.options.min_sampling_rate
         # Each network's mask comes from its own prediction and its own bank.
         mask_a = sampling_mask(pred_a, sampling_rate(self.bank_a.confidence, gamma), floor)
@@ -174,7 +133,3 @@ class CLD(Method):
         terms["cps"] = (masked_weighted_cross_entropy(logits_a, pred_b, weight, mask_a)
                         + masked_weighted_cross_entropy(logits_b, pred_a, weight, mask_b))
         return terms
-
-    def inference_network(self) -> nn.Module:
-        # Built on demand so the two networks are not registered twice in the state dict.
-        return LogitAverage([self.net_a, self.net_b])

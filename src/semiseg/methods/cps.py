@@ -15,82 +15,43 @@ do.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from semiseg.losses.ga import ga_ce_loss, ga_dice_loss
+from semiseg.losses.schedule import sigmoid_rampup
 from semiseg.losses.segmentation import dice_ce_loss
-from semiseg.methods.base import Batch, Method, MethodContext, StepInfo, register_method
+from semiseg.losses.supervised import GAOptions, SupervisedLoss
+from semiseg.methods.base import Batch, MethodContext, StepInfo
+from semiseg.methods.co_training import CoTrainedPair
+from semiseg.methods.registry import register_method
 from semiseg.models import create_model
-
-
-def sigmoid_rampup(current: float, length: float) -> float:
-    """``exp(-5 (1 - t)^2)`` with ``t = clip(current, 0, length) / length`` (Laine & Aila, 2017),
-    the ramp-up of every host in the UA-MT / DHC / GALoss / MagicNet family."""
-    if length == 0:
-        return 1.0
-    phase = 1.0 - min(max(current, 0.0), length) / length
-    return float(math.exp(-5.0 * phase * phase))
-
-
-def init_weights(network: nn.Module, scheme: Literal["kaiming", "xavier", "default"]) -> None:
-    """The official CPS initialisations: ``kaiming_normal_`` (network A) or ``xavier_normal_``
-    (network B) on every Conv3d weight, BatchNorm weight 1 and bias 0; transposed convolutions
-    and biases keep PyTorch's default."""
-    if scheme == "default":
-        return
-    for module in network.modules():
-        if type(module) is nn.Conv3d:
-            if scheme == "kaiming":
-                nn.init.kaiming_normal_(module.weight)
-            else:
-                nn.init.xavier_normal_(module.weight)
-        elif isinstance(module, nn.BatchNorm3d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-
-
-class LogitAverage(nn.Module):
-    """Inference ensemble: the mean of several networks' logits."""
-
-    def __init__(self, networks: list[nn.Module]) -> None:
-        super().__init__()
-        self.networks = nn.ModuleList(networks)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.stack([net(x) for net in self.networks]).mean(0)
+from semiseg.models.init import InitScheme, init_weights
 
 
 @dataclass
-class CPSOptions:
-    losses: Literal["dice_ce", "ga"] = "dice_ce"
+class CPSOptions(GAOptions):
+    losses: SupervisedLoss = "dice_ce"
     consistency: float = 0.1  # maximum weight of the cross term (both official scripts)
     # Ramp-up length in epochs; 0 = the whole run (max_epoch), as both official scripts do.
     rampup_epochs: int = 0
-    ga_k: float = 10.0  # GACE top-k % of the supervised term
-    ga_gamma: float = 0.5
     ga_cross_k: float = 100.0  # GACE top-k % of the cross term (all voxels)
-    init_a: Literal["kaiming", "xavier", "default"] = "kaiming"
-    init_b: Literal["kaiming", "xavier", "default"] = "xavier"
-
-
-@dataclass
-class GACPSOptions(CPSOptions):
-    losses: Literal["dice_ce", "ga"] = "ga"
+    init_a: InitScheme = "kaiming"
+    init_b: InitScheme = "xavier"
 
 
 @register_method("cps")
-class CrossPseudoSupervision(Method):
+class CrossPseudoSupervision(CoTrainedPair):
     """Two networks supervising each other with hard pseudo labels."""
 
     Options = CPSOptions
 
     def __init__(self, context: MethodContext, options: CPSOptions) -> None:
         super().__init__(context, options)
+        # Both built, then both initialised (the CPS scripts' order; the xmed-lab scripts build
+        # and initialise one network at a time, semiseg.methods.co_training.co_trained_pair).
         self.net_a = create_model(context.model_name, context.num_classes, **context.model_options)
         self.net_b = create_model(context.model_name, context.num_classes, **context.model_options)
         init_weights(self.net_a, options.init_a)
@@ -109,10 +70,7 @@ class CrossPseudoSupervision(Method):
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
         n = batch.num_labeled
-        logits_a = self.net_a(batch.image)
-        logits_b = self.net_b(batch.image)
-        pseudo_a = logits_a.detach().argmax(1)
-        pseudo_b = logits_b.detach().argmax(1)
+        logits_a, logits_b, pseudo_a, pseudo_b = self.pair_logits(batch.image)
         terms: dict[str, Tensor] = {}
         for name, logits in (("a", logits_a), ("b", logits_b)):
             for key, value in self._supervised(logits[:n], batch.label).items():
@@ -126,9 +84,12 @@ class CrossPseudoSupervision(Method):
         length = self.options.rampup_epochs or max_epoch
         return {"cps": self.options.consistency * sigmoid_rampup(step.epoch, length)}
 
-    def inference_network(self) -> nn.Module:
-        # Built on demand so the two networks are not registered twice in the state dict.
-        return LogitAverage([self.net_a, self.net_b])
+
+@dataclass
+class GACPSOptions(CPSOptions):
+    """GA-CPS's options: CPS's with the GA losses by default."""
+
+    losses: SupervisedLoss = "ga"
 
 
 @register_method("ga_cps")

@@ -39,30 +39,17 @@ Deviations from the official code (all documented in ``docs/methods/dhc.md``):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from semiseg.errors import ConfigError
-from semiseg.losses.dhc import (
-    DiffDW,
-    DistDW,
-    class_histogram,
-    weighted_cross_entropy,
-    weighted_dice_ce,
-)
-from semiseg.methods.base import Batch, Method, MethodContext, StepInfo, register_method
-from semiseg.methods.cps import LogitAverage
-from semiseg.methods.dhc_schedule import (
-    check_class_counts,
-    co_trained_pair,
-    consistency_weight,
-    official_max_epoch,
-)
+from semiseg.losses.dhc import DiffDW, DistDW, weighted_cross_entropy, weighted_dice_ce
+from semiseg.methods.base import Batch, MethodContext, StepInfo
+from semiseg.methods.co_training import ClassWeightedPair
+from semiseg.methods.dhc_schedule import check_class_counts, consistency_weight, official_max_epoch
+from semiseg.methods.registry import register_method
+from semiseg.models.init import InitScheme
 
 
 @dataclass
@@ -88,8 +75,8 @@ class DHCOptions:
     # Official --sup_loss: w_ce+dice (weights in Dice and CE), wce+dice, ce+dice.
     sup_loss: Literal["w_ce+dice", "wce+dice", "ce+dice"] = "w_ce+dice"
     cps_loss: Literal["wce", "ce"] = "wce"  # official --cps_loss
-    init_a: Literal["kaiming", "xavier", "default"] = "kaiming"  # both Kaiming officially
-    init_b: Literal["kaiming", "xavier", "default"] = "kaiming"
+    init_a: InitScheme = "kaiming"  # both Kaiming officially
+    init_b: InitScheme = "kaiming"
 
     def __post_init__(self) -> None:
         # ValueError is reported by the config loader as a ConfigError naming method.options.
@@ -108,23 +95,26 @@ class DHCOptions:
 
 
 @register_method("dhc")
-class DHC(Method):
+class DHC(ClassWeightedPair):
     """Two VNets co-trained with DiffDW (A) and DistDW (B) weighted losses."""
 
     Options = DHCOptions
+    counts_option = "dist_init_counts"
 
     def __init__(self, context: MethodContext, options: DHCOptions) -> None:
         super().__init__(context, options)
         c = context.num_classes
-        self.net_a, self.net_b = co_trained_pair(context, options.init_a, options.init_b)
         self.diffdw = DiffDW(c, options.diff_accumulate_iters, options.diff_power,
                              options.diff_normalize)
         self.distdw = DistDW(c, options.dist_momentum)
-        if options.dist_init_counts is not None:
-            if len(options.dist_init_counts) != c:
-                raise ConfigError(f"method.options.dist_init_counts has "
-                                 f"{len(options.dist_init_counts)} entries, expected {c}")
-            self.distdw.initialise(torch.tensor(options.dist_init_counts, dtype=torch.float64))
+        self.initialise_from_options()
+
+    def initialise_class_counts(self, counts: Tensor) -> None:
+        """DistDW's initial weights (official ``init_weights``)."""
+        self.distdw.initialise(counts)
+
+    def class_counts_ready(self) -> bool:
+        return bool(self.distdw.initialised)
 
     # -- schedule ---------------------------------------------------------------------------
     def max_epoch(self, step: StepInfo) -> int:
@@ -151,27 +141,9 @@ class DHC(Method):
         return weighted_cross_entropy(logits, pseudo,
                                       weight if self.options.cps_loss == "wce" else None)
 
-    def observe_labeled_labels(self, labels: Iterable[np.ndarray]) -> None:
-        """DistDW's initial weights from the voxel histogram of every labeled training volume,
-        as the official ``init_weights`` (unless ``dist_init_counts`` fixes them)."""
-        if self.options.dist_init_counts is not None:
-            return
-        total = torch.zeros(self.context.num_classes, dtype=torch.float64)
-        for label in labels:
-            total += class_histogram(torch.from_numpy(np.asarray(label)), self.context.num_classes)
-        if bool(total.gt(0).any()):
-            self.distdw.initialise(total)
-
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
         n = batch.num_labeled
-        logits_a = self.net_a(batch.image)
-        logits_b = self.net_b(batch.image)
-        pseudo_a = logits_a.detach().argmax(1)
-        pseudo_b = logits_b.detach().argmax(1)
-        if not bool(self.distdw.initialised):
-            # Only when the method was built without the run's data (observe_labeled_labels
-            # gives the official whole-volume histogram): the labeled crops of the first batch.
-            self.distdw.initialise(class_histogram(batch.label, self.context.num_classes))
+        logits_a, logits_b, pseudo_a, pseudo_b = self.labeled_pair_logits(batch)
         # Both weightings are updated from this iteration's outputs before they weight its
         # losses, as officially (train_dhc.py computes them, then update_weight, then losses).
         weight_a = self.diffdw.update_from_logits(logits_a[:n], batch.label)
@@ -188,8 +160,3 @@ class DHC(Method):
             + self._cross(logits_b, pseudo_a, weight_b),
         }
         return terms
-
-    # -- inference --------------------------------------------------------------------------
-    def inference_network(self) -> nn.Module:
-        # Built on demand so the two networks are not registered twice in the state dict.
-        return LogitAverage([self.net_a, self.net_b])

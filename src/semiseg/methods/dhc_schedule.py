@@ -21,11 +21,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from torch import nn
-
-from semiseg.methods.base import MethodContext, StepInfo
-from semiseg.methods.cps import init_weights, sigmoid_rampup
-from semiseg.models import create_model
+from semiseg.losses.schedule import sigmoid_rampup
+from semiseg.methods.base import StepInfo
 
 
 def official_epoch_iterations(step: StepInfo, epoch_iterations: int = 0,
@@ -62,18 +59,6 @@ def consistency_weight(step: StepInfo, maximum: float, epoch_iterations: int = 0
         epoch = max(epoch - 1, 0)
     length = rampup_epochs or official_max_epoch(step, epoch_iterations, round_up)
     return maximum * sigmoid_rampup(epoch, length)
-
-
-def co_trained_pair(context: MethodContext, init_a: str, init_b: str
-                    ) -> tuple[nn.Module, nn.Module]:
-    """The two networks of the xmed-lab co-training scripts (DHC, CLD, SimiS): the run's model
-    built twice, then initialised as ``init_a`` / ``init_b`` (see :func:`init_weights`)."""
-    nets = []
-    for scheme in (init_a, init_b):
-        net = create_model(context.model_name, context.num_classes, **context.model_options)
-        init_weights(net, scheme)
-        nets.append(net)
-    return nets[0], nets[1]
 
 
 def check_class_counts(counts: Sequence[float] | None, key: str) -> None:

@@ -54,8 +54,9 @@ from semiseg.losses.generic_ssl import (
     spaced_timesteps,
 )
 from semiseg.losses.segmentation import dice_ce_loss, soft_dice_loss
-from semiseg.methods.base import Batch, Method, MethodContext, StepInfo, register_method
+from semiseg.methods.base import Batch, Method, MethodContext, MethodNetworks, StepInfo
 from semiseg.methods.dhc_schedule import consistency_weight, official_max_epoch
+from semiseg.methods.registry import register_method
 from semiseg.models import create_model
 from semiseg.models.diff_vnet import DiffVNet
 
@@ -235,6 +236,9 @@ class GenericSSL(Method):
 
     def loss_weights(self, step: StepInfo) -> dict[str, float]:
         return {"deno": 1.0, "diff": 1.0, "unsup": self.unsup_weight(step)}
+
+    def networks(self) -> MethodNetworks:
+        return MethodNetworks(trained=(self.network,))
 
     def inference_network(self) -> nn.Module:
         """The DiffVNet, whose forward is D_θ (official test.py)."""

@@ -51,7 +51,7 @@ Choices where the official code and the paper differ (options):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -66,9 +66,11 @@ from semiseg.losses.magic_cube import (
     cube_location_loss,
     squared_dice_loss,
 )
-from semiseg.methods.base import Batch, Method, MethodContext, StepInfo, register_method
-from semiseg.methods.cps import sigmoid_rampup
+from semiseg.losses.schedule import sigmoid_rampup
+from semiseg.losses.supervised import GAOptions
+from semiseg.methods.base import Batch, Method, MethodContext, MethodNetworks, StepInfo
 from semiseg.methods.ema import EMATeacher, ema_decay_at
+from semiseg.methods.registry import register_method
 from semiseg.models import create_model
 from semiseg.models.magic_cube import (
     cube_location_labels,
@@ -83,7 +85,7 @@ from semiseg.models.magicnet import MagicNet
 
 
 @dataclass
-class MagicNetOptions:
+class MagicNetOptions(GAOptions):
     # "magicnet": CE + MagicNet's squared Dice; "ga": GACE + GADice (GA-MagicNet).
     losses: Literal["magicnet", "ga"] = "magicnet"
     cube_size: int = 32  # 27 cubes of 32^3 in the official 96^3 crops
@@ -102,8 +104,6 @@ class MagicNetOptions:
     pseudo_cube_source: Literal["unlabeled", "labeled"] = "unlabeled"  # "labeled" = GALoss
     official_transposed_recovery: bool = False
     teacher_init: Literal["independent", "copy"] = "independent"
-    ga_k: float = 10.0  # GACE top-k %
-    ga_gamma: float = 0.5
 
 
 @dataclass
@@ -133,15 +133,21 @@ def _check_options(options: MagicNetOptions) -> None:
                           f"{options.rampup_length}")
 
 
-def build_magicnet(context: MethodContext, cube_size: int) -> MagicNet:
-    """The student network: ``model.name`` must be ``magicnet``; its cube and patch size are the
-    method's ``cube_size`` and the run's ``data.patch_size``."""
-    if context.model_name != "magicnet":
-        raise ConfigError(
-            f"model.name: MagicNet methods train the MagicNet VNet; set model.name: magicnet "
-            f"(got {context.model_name!r})"
-        )
+def build_cube_network(context: MethodContext, model_name: str, cube_size: int, family: str,
+                       reserved: tuple[str, ...] = (), why: str = "", **fixed: object
+                       ) -> MagicNet:
+    """The student network of a magic-cube method: ``model.name`` must be ``model_name`` (the
+    error says "``family`` ..."); the cube and patch size are the method's ``cube_size`` and
+    the run's ``data.patch_size`` (a ``model.options`` value must agree); ``fixed`` are further
+    options the method sets, and the ``reserved`` model options are refused (set by the
+    method ``why``)."""
+    if context.model_name != model_name:
+        raise ConfigError(f"model.name: {family}; set model.name: {model_name} "
+                          f"(got {context.model_name!r})")
     model_options = dict(context.model_options)
+    for key in reserved:
+        if key in model_options:
+            raise ConfigError(f"model.options.{key}: set by the method {why}; leave it out")
     for key, value in (("cube_size", cube_size), ("patch_size", context.patch_size)):
         if key in model_options and _as_triple(model_options[key]) != _as_triple(value):
             raise ConfigError(
@@ -149,23 +155,46 @@ def build_magicnet(context: MethodContext, cube_size: int) -> MagicNet:
                 "(leave it out; the method sets it)"
             )
         model_options[key] = value
-    network = create_model("magicnet", context.num_classes, **model_options)
+    network = create_model(model_name, context.num_classes, **fixed, **model_options)
     assert isinstance(network, MagicNet)
     return network
 
 
+@dataclass
+class CubeStep:
+    """What one step of a magic-cube method computed, for a subclass's extra terms."""
+
+    step: StepInfo
+    image: Tensor  # labeled then unlabeled crops
+    label: Tensor  # int64, labeled crops
+    num_labeled: int
+    features: list[Tensor]  # encoder features of the plain batch
+    mixed_features: list[Tensor]  # ... of the cross-image mixed batch
+    permutation: Tensor  # the cube permutation of the mixed batch
+    cube_features: list[Tensor]  # ... of every crop's cubes, encoded one by one
+    teacher_probs: Tensor  # teacher softmax on the unlabeled crops (no gradient)
+    pseudo: Tensor  # pseudo labels of the unlabeled crops
+    pseudo_probs: Tensor  # the probabilities they are the argmax of
+    condition: Any  # what step_condition returned
+
+
 @register_method("magicnet")
 class MagicNetMethod(Method):
-    """MagicNet: magic-cube partition and recovery with a mean teacher."""
+    """MagicNet: magic-cube partition and recovery with a mean teacher.
+
+    Subclasses with another network or head (TAK) override the hooks: :meth:`check_options`,
+    :meth:`build_network`, :meth:`step_condition`, :meth:`head`, :meth:`unmixed_scales`,
+    :meth:`reassembled_scales`, :meth:`pseudo_cube_logits` and :meth:`extra_terms`.
+    """
 
     Options = MagicNetOptions
 
     def __init__(self, context: MethodContext, options: MagicNetOptions) -> None:
         super().__init__(context, options)
-        _check_options(options)
-        self.network = build_magicnet(context, options.cube_size)
+        self.check_options()
+        self.network = self.build_network()
         if options.teacher_init == "independent":  # official: a second, separately drawn net
-            self.teacher = EMATeacher(build_magicnet(context, options.cube_size))
+            self.teacher = EMATeacher(self.build_network())
         else:
             self.teacher = EMATeacher.copy_of(self.network)
         self.class_logger = ClassCountLogger(context.num_classes)
@@ -173,6 +202,45 @@ class MagicNetMethod(Method):
         self.location_labels: Tensor
         self.register_buffer("location_labels", cube_location_labels(self.grid),
                              persistent=False)
+
+    # -- hooks -------------------------------------------------------------------------------
+    def check_options(self) -> None:
+        """Reject option values the method cannot use (before anything is built)."""
+        _check_options(self.options)
+
+    def build_network(self) -> MagicNet:
+        """The student, and (built a second time) the independent teacher."""
+        return build_cube_network(self.context, "magicnet", self.options.cube_size,
+                                  "MagicNet methods train the MagicNet VNet")
+
+    def step_condition(self, image: Tensor, step: StepInfo) -> Any:
+        """Computed once per step before the forwards and handed to every :meth:`head` call
+        (TAK: the text condition). MagicNet: nothing."""
+        return None
+
+    def head(self, embedding: Tensor, scales: list[Tensor] | None, condition: Any) -> Tensor:
+        """Logits of the last decoder feature ``embedding``; ``scales`` are encoder features
+        of the same images (for a head that reads them; the 1x1x1 head does not)."""
+        return self.network.head(embedding)
+
+    def unmixed_scales(self, mixed_features: list[Tensor], permutation: Tensor
+                       ) -> list[Tensor] | None:
+        """The encoder features :meth:`head` gets with the un-mixed embedding (none here)."""
+        return None
+
+    def reassembled_scales(self, cube_features: list[Tensor], rows: slice, count: int
+                           ) -> list[Tensor] | None:
+        """The encoder features :meth:`head` gets with reassembled cubes (none here)."""
+        return None
+
+    def pseudo_cube_logits(self, cube_features: list[Tensor], local_embedding: Tensor,
+                           condition: Any, n_lab: int, n_unl: int, num_cubes: int) -> Tensor:
+        """The within-image logits blended into the teacher's (step 7; no gradient)."""
+        return self._pseudo_cube_logits(cube_features, local_embedding, n_lab, n_unl, num_cubes)
+
+    def extra_terms(self, state: CubeStep) -> dict[str, Tensor]:
+        """Terms a subclass adds after the six of MagicNet (TAK: the contrast)."""
+        return {}
 
     # -- losses ------------------------------------------------------------------------------
     def _ce(self, logits: Tensor, label: Tensor) -> Tensor:
@@ -193,19 +261,24 @@ class MagicNetMethod(Method):
 
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
-        """The six unweighted terms of one iteration (steps 1-8 of the module docstring)."""
+        """The unweighted terms of one iteration (steps 1-8 of the module docstring, then
+        :meth:`extra_terms`)."""
         opts = self.options
         net = self.network
         image, label, n_lab, n_unl = split_mixed_batch(self.name, batch)
         size = image.size(0)
         s = opts.cube_size
         num_cubes = self.location_labels.numel()
+        condition = self.step_condition(image, step)
 
         # 1-2. Plain forward and cross-image partition-and-recovery.
-        logits = net(image)
+        features = net.encode(image)
+        logits = self.head(net.decode_features(features), features, condition)
         permutation = random_batch_permutation(size, self.grid)
-        _, mixed_embedding = net.forward_with_embedding(mix_volume(image, permutation, s))
-        logits_unmix = net.head(unmix_volume(mixed_embedding, permutation, s))
+        mixed_features = net.encode(mix_volume(image, permutation, s))
+        mixed_embedding = net.decode_features(mixed_features)
+        logits_unmix = self.head(unmix_volume(mixed_embedding, permutation, s),
+                                 self.unmixed_scales(mixed_features, permutation), condition)
 
         # 3. Teacher on noisy unlabeled crops.
         unlabeled = batch.unlabeled_image
@@ -213,7 +286,8 @@ class MagicNetMethod(Method):
                             -opts.noise_clip, opts.noise_clip)
         with torch.no_grad():
             teacher_logits = self.teacher(unlabeled + noise).float()
-            teacher_class = torch.softmax(teacher_logits, dim=1).argmax(1)
+            teacher_probs = torch.softmax(teacher_logits, dim=1)
+            teacher_class = teacher_probs.argmax(1)
 
         # 4. Supervised terms.
         terms = {
@@ -224,8 +298,7 @@ class MagicNetMethod(Method):
 
         # 5. Location reasoning: each cube encoded on its own (one batch of B * N cubes; instance
         # norm is per sample, so this equals the official per-image loop).
-        cubes = partition_cubes(image, s).flatten(0, 1)
-        cube_features = net.encode(cubes)
+        cube_features = net.encode(partition_cubes(image, s).flatten(0, 1))
         bottleneck = cube_features[-1].reshape(size, num_cubes, -1)
         terms["location"] = cube_location_loss(net.locate, bottleneck, self.location_labels,
                                                random_cube_order(num_cubes))
@@ -233,26 +306,33 @@ class MagicNetMethod(Method):
         # 6. Within-image recovery of the labeled crops.
         labeled_rows = slice(0, n_lab * num_cubes)
         local_embedding = net.decode_features([f[labeled_rows] for f in cube_features])
-        terms["local_dice"] = self._dice(net.head(self._recover(local_embedding, n_lab)), label)
+        local_logits = self.head(self._recover(local_embedding, n_lab),
+                                 self.reassembled_scales(cube_features, labeled_rows, n_lab),
+                                 condition)
+        terms["local_dice"] = self._dice(local_logits, label)
 
         # 7. Cube-wise pseudo-label blending.
         with torch.no_grad():
             if step.iteration > opts.blend_start_iteration:
                 weights = class_distribution_weights(self.class_logger.distribution(),
                                                      opts.temperature_dist)
-                cube_logits = self._pseudo_cube_logits(cube_features, local_embedding,
-                                                       n_lab, n_unl, num_cubes)
+                cube_logits = self.pseudo_cube_logits(cube_features, local_embedding, condition,
+                                                      n_lab, n_unl, num_cubes)
                 blended = blend_pseudo_logits(teacher_logits, cube_logits, teacher_class,
                                               weights)
-                pseudo = torch.softmax(blended, dim=1).argmax(1)
+                pseudo_probs = torch.softmax(blended, dim=1)
+                pseudo = pseudo_probs.argmax(1)
             else:
-                pseudo = teacher_class
+                pseudo, pseudo_probs = teacher_class, teacher_probs
             self.class_logger.append(pseudo)
             if step.iteration % opts.logger_refresh_every == 0:
                 self.class_logger.refresh()
 
         # 8. Consistency of the cross-image recovered prediction with the pseudo label.
         terms["consistency"] = self._dice(logits_unmix[n_lab:], pseudo)
+        terms.update(self.extra_terms(CubeStep(
+            step, image, label, n_lab, features, mixed_features, permutation, cube_features,
+            teacher_probs, pseudo, pseudo_probs, condition)))
         return terms
 
     def _pseudo_cube_logits(self, cube_features: list[Tensor], local_embedding: Tensor,
@@ -289,6 +369,9 @@ class MagicNetMethod(Method):
         """EMA update of the teacher with ``α = min(1 - 1/(t+1), ema_decay)``."""
         alpha = ema_decay_at(step.iteration, self.options.ema_decay)
         self.teacher.update(self.network, alpha, include_buffers=self.options.ema_buffers)
+
+    def networks(self) -> MethodNetworks:
+        return MethodNetworks(trained=(self.network,), teachers=(self.teacher.network,))
 
     def inference_network(self) -> nn.Module:
         """The student (the official scripts validate and save the student, not the EMA)."""

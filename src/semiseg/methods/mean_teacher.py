@@ -29,10 +29,12 @@ from torch import Tensor, nn
 
 from semiseg.errors import ConfigError, DataError
 from semiseg.losses.ga import ga_ce_loss, ga_dice_loss
+from semiseg.losses.schedule import sigmoid_rampup
 from semiseg.losses.segmentation import dice_ce_loss
-from semiseg.methods.base import Batch, Method, MethodContext, StepInfo, register_method
-from semiseg.methods.cps import sigmoid_rampup
+from semiseg.losses.supervised import GAOptions, SupervisedLoss
+from semiseg.methods.base import Batch, Method, MethodContext, MethodNetworks, StepInfo
 from semiseg.methods.ema import EMATeacher, ema_decay_at
+from semiseg.methods.registry import register_method
 from semiseg.models import create_model
 
 
@@ -54,8 +56,8 @@ def uamt_consistency(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 
 
 @dataclass
-class MeanTeacherOptions:
-    losses: Literal["dice_ce", "ga"] = "dice_ce"
+class MeanTeacherOptions(GAOptions):
+    losses: SupervisedLoss = "dice_ce"
     supervised_weight: float = 1.0  # 0.5 reproduces UA-MT's 0.5 (Dice + CE)
     consistency_type: Literal["uamt", "mse"] = "uamt"
     consistency: float = 0.1  # maximum λ
@@ -68,8 +70,6 @@ class MeanTeacherOptions:
     noise_std: float = 0.1
     noise_clip: float = 0.2
     teacher_init: Literal["independent", "copy"] = "independent"
-    ga_k: float = 10.0
-    ga_gamma: float = 0.5
 
 
 @register_method("mean_teacher")
@@ -140,6 +140,9 @@ class MeanTeacher(Method):
         counter = step.epoch if self.options.ema_step == "epoch" else step.iteration
         alpha = ema_decay_at(counter, self.options.ema_decay)
         self.teacher.update(self.network, alpha, include_buffers=self.options.ema_buffers)
+
+    def networks(self) -> MethodNetworks:
+        return MethodNetworks(trained=(self.network,), teachers=(self.teacher.network,))
 
     def inference_network(self) -> nn.Module:
         """The student, as the official scripts save it."""

@@ -22,21 +22,19 @@ Inference averages the two networks' logits (official ``test.py --cps AB``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
-import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from semiseg.errors import ConfigError, DataError
-from semiseg.losses.simis import SimiSWeights, class_counts, weighted_mean_cross_entropy
-from semiseg.methods.base import Batch, Method, MethodContext, StepInfo, register_method
-from semiseg.methods.cld import SupLoss, dhc_supervised_loss
-from semiseg.methods.cps import LogitAverage
-from semiseg.methods.dhc_schedule import check_class_counts, co_trained_pair, consistency_weight
+from semiseg.losses.dhc import SupLoss, dhc_supervised_loss
+from semiseg.losses.simis import SimiSWeights, weighted_mean_cross_entropy
+from semiseg.methods.base import Batch, MethodContext, StepInfo
+from semiseg.methods.co_training import ClassWeightedPair
+from semiseg.methods.dhc_schedule import check_class_counts, consistency_weight
+from semiseg.methods.registry import register_method
+from semiseg.models.init import InitScheme
 
 
 @dataclass
@@ -55,8 +53,8 @@ class SimiSOptions:
     class_counts: list[float] | None = None
     sup_loss: SupLoss = "w_ce+dice"  # --sup_loss
     cps_loss: Literal["wce", "ce"] = "wce"  # --cps_loss
-    init_a: Literal["kaiming", "xavier", "default"] = "kaiming"
-    init_b: Literal["kaiming", "xavier", "default"] = "xavier"
+    init_a: InitScheme = "kaiming"
+    init_b: InitScheme = "xavier"
 
     def __post_init__(self) -> None:
         # ValueError is reported by the config loader as a ConfigError naming method.options.
@@ -68,7 +66,7 @@ class SimiSOptions:
 
 
 @register_method("simis")
-class SimiS(Method):
+class SimiS(ClassWeightedPair):
     """Two VNets, each weighted by its own running SimiS class weights."""
 
     Options = SimiSOptions
@@ -76,29 +74,18 @@ class SimiS(Method):
     def __init__(self, context: MethodContext, options: SimiSOptions) -> None:
         super().__init__(context, options)
         c = context.num_classes
-        self.net_a, self.net_b = co_trained_pair(context, options.init_a, options.init_b)
         self.weights_a = SimiSWeights(c, options.momentum)
         self.weights_b = SimiSWeights(c, options.momentum)
-        if options.class_counts is not None:
-            if len(options.class_counts) != c:
-                raise ConfigError(f"method.options.class_counts has {len(options.class_counts)} "
-                                  f"entries, expected {c}")
-            self._initialise(torch.tensor(options.class_counts, dtype=torch.float64))
+        self.initialise_from_options()
 
-    def _initialise(self, counts: Tensor) -> None:
+    def initialise_class_counts(self, counts: Tensor) -> None:
+        """Both networks' initial weights from the labeled voxel histogram (official
+        ``SimiS.init_weight``)."""
         self.weights_a.initialise(counts)
         self.weights_b.initialise(counts)
 
-    def observe_labeled_labels(self, labels: Iterable[np.ndarray]) -> None:
-        """Initial weights from the voxel histogram of every labeled training volume
-        (official ``SimiS.init_weight``), unless ``class_counts`` fixes them."""
-        if self.options.class_counts is not None:
-            return
-        total = torch.zeros(self.context.num_classes, dtype=torch.float64)
-        for label in labels:
-            total += class_counts(torch.from_numpy(np.asarray(label)), self.context.num_classes)
-        if bool(total.gt(0).any()):
-            self._initialise(total)
+    def class_counts_ready(self) -> bool:
+        return bool(self.weights_a.initialised)
 
     def loss_weights(self, step: StepInfo) -> dict[str, float]:
         opts = self.options
@@ -114,17 +101,7 @@ class SimiS(Method):
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
         n = batch.num_labeled
-        if n == 0:
-            raise DataError(f"{self.name}: a batch needs labeled crops (got 0 of "
-                            f"{batch.image.size(0)})")
-        if not bool(self.weights_a.initialised):
-            # Only without the run's data (observe_labeled_labels gives the official
-            # whole-volume histogram): the labeled crops of the first batch.
-            self._initialise(class_counts(batch.label, self.context.num_classes))
-        logits_a = self.net_a(batch.image)
-        logits_b = self.net_b(batch.image)
-        pred_a = logits_a.detach().argmax(1)
-        pred_b = logits_b.detach().argmax(1)
+        logits_a, logits_b, pred_a, pred_b = self.labeled_pair_logits(batch)
         # Updated from this iteration's outputs before they weight its losses (official).
         weight_a = self.weights_a.update(logits_a).float()
         weight_b = self.weights_b.update(logits_b).float()
@@ -136,7 +113,3 @@ class SimiS(Method):
             "cps": self._cross(logits_a, pred_b, weight_a) + self._cross(logits_b, pred_a,
                                                                         weight_b),
         }
-
-    def inference_network(self) -> nn.Module:
-        # Built on demand so the two networks are not registered twice in the state dict.
-        return LogitAverage([self.net_a, self.net_b])

@@ -3,9 +3,11 @@ Multi-Organ Segmentation"): GA-MagicNet with a text-driven segmentation head and
 contrastive alignment of visual and text embeddings.
 
 The host is GA-MagicNet (:mod:`semiseg.methods.magicnet`, subclassed: its options, GA losses,
-cube-location loss, class logger, EMA teacher and pseudo-label blending are reused). The
-network is :class:`~semiseg.models.tak.TAKNet`, whose head needs the encoder features as well as
-the last decoder feature, so every head call of the host is redone with them. Per iteration, on
+cube-location loss, class logger, EMA teacher, pseudo-label blending and the whole step are
+reused). The network is :class:`~semiseg.models.tak.TAKNet`, whose head needs the encoder
+features and the text condition as well as the last decoder feature: TAK overrides the host's
+hooks (network builder, step condition, head and the scales it reads, the within-image pseudo
+logits) and adds the contrastive term. Per iteration, on
 ``L`` labeled then ``U`` unlabeled crops (the official ``train_AMOS_MagicNet_GA_TAK.py``):
 
 1. Student forward (encoder features x1..x5, decoder, dynamic head) on the whole batch.
@@ -48,21 +50,17 @@ starts after epoch 20, i.e. 21). See docs/methods/tak.md for every option.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from semiseg.errors import ConfigError, DataError
 from semiseg.knowledge.texts import check_kinds, class_set_of
-from semiseg.losses.magic_cube import (
-    ClassCountLogger,
-    blend_pseudo_logits,
-    class_distribution_weights,
-    cube_location_loss,
-)
+from semiseg.losses.schedule import sigmoid_rampup
 from semiseg.losses.tak import (
     IGNORE,
     entropy,
@@ -71,26 +69,25 @@ from semiseg.losses.tak import (
     stack_scales,
     tak_contrastive_loss,
 )
-from semiseg.methods.base import Batch, Method, MethodContext, StepInfo, register_method
-from semiseg.methods.cps import sigmoid_rampup
-from semiseg.methods.ema import EMATeacher
+from semiseg.methods.base import MethodContext, StepInfo
 from semiseg.methods.magicnet import (
+    CubeStep,
     GAMagicNetMethod,
     GAMagicNetOptions,
-    _as_triple,
-    _check_options,
-    split_mixed_batch,
+    build_cube_network,
 )
-from semiseg.models import create_model
-from semiseg.models.magic_cube import (
-    cube_location_labels,
-    mix_volume,
-    partition_cubes,
-    random_batch_permutation,
-    random_cube_order,
-    unmix_volume,
-)
+from semiseg.methods.registry import register_method
+from semiseg.models.magic_cube import unmix_volume
 from semiseg.models.tak import SCALE_STAGES, SCALE_STRIDES, TAKNet
+
+
+@dataclass(frozen=True)
+class TextCondition:
+    """The text side of one step: the class embeddings projected to each scale (x3, x4, x5)
+    and the fused ``[C, 16F]`` condition of the dynamic head."""
+
+    scales: list[Tensor]
+    text: Tensor
 
 
 @dataclass
@@ -162,52 +159,84 @@ def resolve_class_embeddings(context: MethodContext, opts: TAKOptions) -> Tensor
     return found.tensor
 
 
-def build_tak_network(context: MethodContext, cube_size: int, embeddings: Tensor) -> TAKNet:
-    """The student network: ``model.name`` must be ``tak``; the method sets the cube size, the
-    patch size and the text embeddings."""
-    if context.model_name != "tak":
-        raise ConfigError(f"model.name: TAK trains the text-driven MagicNet; set model.name: tak "
-                          f"(got {context.model_name!r})")
-    model_options = dict(context.model_options)
-    for key in ("text_embeddings", "text_dim", "prompt_kinds"):
-        if key in model_options:
-            raise ConfigError(f"model.options.{key}: set by the method from its knowledge "
-                              "options (prompts, encoder, knowledge, embeddings); leave it out")
-    for key, value in (("cube_size", cube_size), ("patch_size", context.patch_size)):
-        if key in model_options and _as_triple(model_options[key]) != _as_triple(value):
-            raise ConfigError(f"model.options.{key}: {model_options[key]!r} disagrees with the "
-                              f"run's {value!r} (leave it out; the method sets it)")
-        model_options[key] = value
-    network = create_model("tak", context.num_classes, text_embeddings=embeddings,
-                           **model_options)
-    assert isinstance(network, TAKNet)
-    return network
-
-
 @register_method("tak")
 class TAKMethod(GAMagicNetMethod):
-    """TAK on GA-MagicNet (see the module docstring)."""
+    """TAK on GA-MagicNet (see the module docstring): the host's step with TAKNet, its
+    text-driven head (the hooks below) and the contrastive term."""
 
     Options = TAKOptions
     options: TAKOptions
     network: TAKNet
 
-    def __init__(self, context: MethodContext, options: TAKOptions) -> None:
-        # The host's __init__ would build a plain MagicNet; build the same parts with TAKNet.
-        Method.__init__(self, context, options)
-        _check_options(options)
-        _check_tak_options(options)
-        embeddings = resolve_class_embeddings(context, options)
-        self.network = build_tak_network(context, options.cube_size, embeddings)
-        if options.teacher_init == "independent":
-            self.teacher = EMATeacher(build_tak_network(context, options.cube_size, embeddings))
-        else:
-            self.teacher = EMATeacher.copy_of(self.network)
-        self.class_logger = ClassCountLogger(context.num_classes)
-        self.grid = self.network.grid
-        self.location_labels: Tensor
-        self.register_buffer("location_labels", cube_location_labels(self.grid),
-                             persistent=False)
+    # -- hooks of the host -------------------------------------------------------------------
+    def check_options(self) -> None:
+        super().check_options()
+        _check_tak_options(self.options)
+
+    @functools.cached_property
+    def class_embeddings(self) -> Tensor:
+        """The ``[K, C, D]`` class text embeddings, resolved once for student and teacher."""
+        return resolve_class_embeddings(self.context, self.options)
+
+    def build_network(self) -> TAKNet:
+        """TAKNet: ``model.name`` must be ``tak``; the method sets the cube size, the patch size
+        and the text embeddings."""
+        network = build_cube_network(
+            self.context, "tak", self.options.cube_size, "TAK trains the text-driven MagicNet",
+            reserved=("text_embeddings", "text_dim", "prompt_kinds"),
+            why="from its knowledge options (prompts, encoder, knowledge, embeddings)",
+            text_embeddings=self.class_embeddings)
+        assert isinstance(network, TAKNet)
+        return network
+
+    def step_condition(self, image: Tensor, step: StepInfo) -> TextCondition:
+        """Calibrates the head on the first batch if asked, then the text condition of the
+        step (per scale, and fused)."""
+        if self.options.head_calibration and step.iteration == 0:  # a resumed run is past it
+            self.calibrate_head(image)
+        scales = self.network.text_scale_embeddings()
+        return TextCondition(scales, self.network.text_condition(scales))
+
+    def head(self, embedding: Tensor, scales: list[Tensor] | None,
+             condition: TextCondition) -> Tensor:
+        return self.network.head(embedding, scales, condition.text)
+
+    def unmixed_scales(self, mixed_features: list[Tensor], permutation: Tensor) -> list[Tensor]:
+        """x1..x5 of a mixed batch with x3, x4, x5 un-mixed at their cube sizes (x1, x2 are
+        unused by the head and left as they are)."""
+        out = list(mixed_features)
+        for stage, stride in zip(SCALE_STAGES, SCALE_STRIDES):
+            out[stage] = unmix_volume(mixed_features[stage], permutation,
+                                      self.options.cube_size // stride)
+        return out
+
+    def reassembled_scales(self, cube_features: list[Tensor], rows: slice, count: int
+                           ) -> list[Tensor]:
+        """x3, x4, x5 of ``count`` images reassembled from their cubes (placed at 2, 3, 4)."""
+        out: list[Tensor] = [cube_features[0][rows], cube_features[1][rows]]
+        out += [self._recover(cube_features[stage][rows], count) for stage in SCALE_STAGES]
+        return out
+
+    def pseudo_cube_logits(self, cube_features: list[Tensor], local_embedding: Tensor,
+                           condition: TextCondition, n_lab: int, n_unl: int,
+                           num_cubes: int) -> Tensor:
+        return self._tak_pseudo_cube_logits(cube_features, condition.text.detach(), n_lab,
+                                            n_unl, num_cubes)
+
+    def extra_terms(self, state: CubeStep) -> dict[str, Tensor]:
+        """Step 9: the contrastive alignment (zero before ``contrast_start_epoch``)."""
+        if not self.contrast_active(state.step):
+            return {"contrast": torch.zeros((), device=state.image.device)}
+        threshold = self.entropy_threshold(state.step)
+        with torch.no_grad():
+            teacher_class = state.teacher_probs.argmax(1)
+            confident_teacher = torch.where(entropy(state.teacher_probs) <= threshold,
+                                            teacher_class, IGNORE)
+            confident_pseudo = torch.where(entropy(state.pseudo_probs) <= threshold,
+                                           state.pseudo, IGNORE)
+        return {"contrast": self._contrast(
+            state.features, state.mixed_features, state.cube_features, state.permutation,
+            state.condition.scales, state.label, confident_teacher, confident_pseudo)}
 
     # -- schedule ----------------------------------------------------------------------------
     def contrast_active(self, step: StepInfo) -> bool:
@@ -231,109 +260,7 @@ class TAKMethod(GAMagicNetMethod):
         weights["contrast"] = opts.contrast_weight if self.contrast_active(step) else 0.0
         return weights
 
-    # -- helpers -----------------------------------------------------------------------------
-    def _unmix_scales(self, features: list[Tensor], permutation: Tensor) -> list[Tensor]:
-        """x1..x5 of a mixed batch with x3, x4, x5 un-mixed at their cube sizes (x1, x2 are
-        unused by the head and left as they are)."""
-        out = list(features)
-        for stage, stride in zip(SCALE_STAGES, SCALE_STRIDES):
-            out[stage] = unmix_volume(features[stage], permutation,
-                                      self.options.cube_size // stride)
-        return out
-
-    def _reassemble(self, cube_features: list[Tensor], rows: slice, count: int) -> list[Tensor]:
-        """x3, x4, x5 of ``count`` images reassembled from their cubes (placed at 2, 3, 4)."""
-        out: list[Tensor] = [cube_features[0][rows], cube_features[1][rows]]
-        out += [self._recover(cube_features[stage][rows], count) for stage in SCALE_STAGES]
-        return out
-
-    # -- training ----------------------------------------------------------------------------
-    def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
-        """The seven unweighted terms of one iteration (steps 1-9 of the module docstring)."""
-        opts = self.options
-        net = self.network
-        image, label, n_lab, n_unl = split_mixed_batch(self.name, batch)
-        size = image.size(0)
-        s = opts.cube_size
-        num_cubes = self.location_labels.numel()
-        contrast = self.contrast_active(step)
-        if opts.head_calibration and step.iteration == 0:  # a resumed run is past it
-            self.calibrate_head(image)
-        scale_text = net.text_scale_embeddings()
-        text = net.text_condition(scale_text)
-
-        # 1-2. Plain forward and cross-image partition-and-recovery.
-        features = net.encode(image)
-        logits = net.head(net.decode_features(features), features, text)
-        permutation = random_batch_permutation(size, self.grid)
-        mixed_features = net.encode(mix_volume(image, permutation, s))
-        mixed_embedding = net.decode_features(mixed_features)
-        logits_unmix = net.head(unmix_volume(mixed_embedding, permutation, s),
-                                self._unmix_scales(mixed_features, permutation), text)
-
-        # 3. Teacher on noisy unlabeled crops.
-        unlabeled = batch.unlabeled_image
-        noise = torch.clamp(torch.randn_like(unlabeled) * opts.noise_std,
-                            -opts.noise_clip, opts.noise_clip)
-        with torch.no_grad():
-            teacher_logits = self.teacher(unlabeled + noise).float()
-            teacher_probs = torch.softmax(teacher_logits, dim=1)
-            teacher_class = teacher_probs.argmax(1)
-            teacher_entropy = entropy(teacher_probs)
-
-        # 4. Supervised terms.
-        terms = {
-            "seg_ce": self._ce(logits[:n_lab].float(), label),
-            "seg_dice": self._dice(logits[:n_lab], label),
-            "unmix_dice": self._dice(logits_unmix[:n_lab], label),
-        }
-
-        # 5. Location reasoning (each cube encoded on its own).
-        cube_features = net.encode(partition_cubes(image, s).flatten(0, 1))
-        bottleneck = cube_features[-1].reshape(size, num_cubes, -1)
-        terms["location"] = cube_location_loss(net.locate, bottleneck, self.location_labels,
-                                               random_cube_order(num_cubes))
-
-        # 6. Within-image recovery of the labeled crops.
-        labeled_rows = slice(0, n_lab * num_cubes)
-        local_embedding = net.decode_features([f[labeled_rows] for f in cube_features])
-        local_logits = net.head(self._recover(local_embedding, n_lab),
-                                self._reassemble(cube_features, labeled_rows, n_lab), text)
-        terms["local_dice"] = self._dice(local_logits, label)
-
-        # 7. Pseudo labels (blended after blend_start_iteration).
-        with torch.no_grad():
-            if step.iteration > opts.blend_start_iteration:
-                weights = class_distribution_weights(self.class_logger.distribution(),
-                                                     opts.temperature_dist)
-                cube_logits = self._tak_pseudo_cube_logits(cube_features, text.detach(),
-                                                            n_lab, n_unl, num_cubes)
-                blended = blend_pseudo_logits(teacher_logits, cube_logits, teacher_class,
-                                              weights)
-                blended_probs = torch.softmax(blended, dim=1)
-                pseudo = blended_probs.argmax(1)
-                pseudo_entropy = entropy(blended_probs)
-            else:
-                pseudo, pseudo_entropy = teacher_class, teacher_entropy
-            self.class_logger.append(pseudo)
-            if step.iteration % opts.logger_refresh_every == 0:
-                self.class_logger.refresh()
-
-        # 8. Consistency of the cross-image recovered prediction with the pseudo label.
-        terms["consistency"] = self._dice(logits_unmix[n_lab:], pseudo)
-
-        # 9. Cross-modal contrastive alignment.
-        if contrast:
-            threshold = self.entropy_threshold(step)
-            confident_teacher = torch.where(teacher_entropy <= threshold, teacher_class, IGNORE)
-            confident_pseudo = torch.where(pseudo_entropy <= threshold, pseudo, IGNORE)
-            terms["contrast"] = self._contrast(
-                features, mixed_features, cube_features, permutation, scale_text, label,
-                confident_teacher, confident_pseudo)
-        else:
-            terms["contrast"] = torch.zeros((), device=image.device)
-        return terms
-
+    # -- TAK's own parts ---------------------------------------------------------------------
     def calibrate_head(self, image: Tensor) -> dict[str, float]:
         """:meth:`TAKNet.calibrate_head` on the student; the teacher's controller gets the same
         scaling (it is an independent network, so its own statistics are measured too)."""
@@ -402,8 +329,3 @@ class TAKMethod(GAMagicNetMethod):
         stacked, classes, scales = stack_scales(samples)
         return tak_contrastive_loss(stacked, classes, scales, opts.temperature,
                                     opts.contrast_loss)
-
-    def inference_network(self) -> nn.Module:
-        """The student (as the official script validates and saves it)."""
-        return self.network
-

@@ -35,9 +35,10 @@ from torch import Tensor, nn
 from semiseg.errors import DataError
 from semiseg.losses.segmentation import soft_dice_loss
 from semiseg.losses.uamt import masked_consistency, predictive_entropy, uncertainty_threshold
-from semiseg.methods.base import Batch, Method, MethodContext, StepInfo, register_method
+from semiseg.methods.base import Batch, Method, MethodContext, MethodNetworks, StepInfo
 from semiseg.methods.dhc_schedule import consistency_weight, official_epoch, official_max_epoch
 from semiseg.methods.ema import EMATeacher, ema_decay_at
+from semiseg.methods.registry import register_method
 from semiseg.models import create_model
 
 
@@ -163,6 +164,9 @@ class UAMT(Method):
         counter = (official_epoch(step, self.options.epoch_iterations)
                    if self.options.ema_step == "epoch" else step.iteration)
         self.teacher.update(self.network, ema_decay_at(counter, self.options.ema_decay))
+
+    def networks(self) -> MethodNetworks:
+        return MethodNetworks(trained=(self.network,), teachers=(self.teacher.network,))
 
     def inference_network(self) -> nn.Module:
         """The student, as the official script evaluates and saves it."""

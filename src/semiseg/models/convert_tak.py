@@ -34,18 +34,16 @@ import torch
 from torch import Tensor
 
 from semiseg.errors import CheckpointError
-from semiseg.models.convert import load_official_file, strip_wrappers, unwrap_state_dict
+from semiseg.models.official_state import (
+    DECODER_BLOCKS,
+    ENCODER_BLOCKS,
+    check_complete,
+    rename_state_dict,
+    unwrap_state_dict,
+)
 
 KIND = "tak"
 
-_ENCODER = frozenset({
-    "block_one", "block_one_dw", "block_two", "block_two_dw", "block_three", "block_three_dw",
-    "block_four", "block_four_dw", "block_five",
-})
-_DECODER = frozenset({
-    "block_five_up", "block_six", "block_six_up", "block_seven", "block_seven_up",
-    "block_eight", "block_eight_up", "block_nine",
-})
 # official module prefix -> (our prefix, {official layer index: our layer index}, reshape to 2-D)
 _HEAD_MODULES: dict[str, tuple[str, dict[str, str], frozenset[str]]] = {
     "fc_layer.fc_layer": ("location_head", {"0": "0", "1": "1", "3": "3"}, frozenset()),
@@ -65,9 +63,9 @@ def official_tak_key(key: str) -> tuple[str, bool] | None:
     """``(our key, reshape to 2-D)`` for official key ``key``, or None when it has no
     counterpart."""
     block = key.split(".", 1)[0]
-    if block in _ENCODER:
+    if block in ENCODER_BLOCKS:
         return f"encoder.{key}", False
-    if block in _DECODER:
+    if block in DECODER_BLOCKS:
         return f"decoder.{key}", False
     if key in ("controller.weight", "controller.bias"):
         return key, key.endswith("weight")
@@ -98,23 +96,10 @@ def convert_tak_state_dict(state_dict: Any, text_embeddings: Tensor | None = Non
     ``[K C, D]`` (the authors' file) or ``[K, C, D]``; included as ``text_embeddings`` when given.
     Raises :class:`CheckpointError` listing unexpected and missing keys.
     """
-    state = unwrap_state_dict(state_dict)
-    converted: dict[str, Tensor] = {}
-    unexpected: list[str] = []
-    for key, value in state.items():
-        mapped = official_tak_key(strip_wrappers(key))
-        if mapped is None:
-            unexpected.append(key)
-            continue
-        ours, flatten = mapped
-        if ours in converted:
-            raise CheckpointError(f"tak checkpoint: key {key!r} appears twice")
-        converted[ours] = value.reshape(value.shape[0], -1) if flatten else value
-    missing = [key for key in _expected_keys(converted) if key not in converted]
-    if unexpected or missing:
-        raise CheckpointError(
-            f"not a tak checkpoint: {len(unexpected)} unexpected key(s) {unexpected[:20]}, "
-            f"{len(missing)} missing key(s) {missing[:20]}")
+    converted, unexpected = rename_state_dict(unwrap_state_dict(state_dict), KIND,
+                                              official_tak_key)
+    check_complete(KIND, unexpected,
+                   [key for key in _expected_keys(converted) if key not in converted])
     if text_embeddings is not None:
         options = tak_model_options(converted)
         embeddings = authors_embeddings(text_embeddings.detach().float().cpu(),
@@ -159,19 +144,11 @@ def _expected_keys(converted: Mapping[str, Tensor]) -> list[str]:
     return [k for k in reference.state_dict() if k != "text_embeddings"]
 
 
-def read_tak_checkpoint(path: str | Path, text_embeddings: str | Path | Tensor | None = None
-                        ) -> dict[str, Tensor]:
-    """Read an official TAK ``.pth`` file (and optionally an embedding file) and convert it."""
-    path = Path(path)
-    payload = load_official_file(path)
-    embeddings: Tensor | None = None
+def read_text_embeddings(text_embeddings: str | Path | Tensor | None) -> Tensor | None:
+    """Class text embeddings given as a tensor or as an embedding file (ours or the authors'
+    ``[32, 512]`` file, :func:`semiseg.knowledge.embeddings.load_embeddings`)."""
     if isinstance(text_embeddings, (str, Path)):
         from semiseg.knowledge.embeddings import load_embeddings
 
-        embeddings = load_embeddings(text_embeddings).tensor
-    else:
-        embeddings = text_embeddings
-    try:
-        return convert_tak_state_dict(payload, embeddings)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+        return load_embeddings(text_embeddings).tensor
+    return text_embeddings

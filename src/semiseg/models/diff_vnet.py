@@ -165,6 +165,8 @@ class Encoder(nn.Module):
     def __init__(self, n_filters: int, normalization: str, has_dropout: bool) -> None:
         super().__init__()
         f, n = n_filters, normalization
+        # Layer table with the official module names; the decoder's mirrors it, which a
+        # duplicate finder pairs.
         self.block_one_dw = Resample(f, 2 * f, n, up=False, timed=True)
         self.block_two = ConvBlock(2, 2 * f, 2 * f, n, timed=True)
         self.block_two_dw = Resample(2 * f, 4 * f, n, up=False, timed=True)
@@ -197,6 +199,7 @@ class Decoder(nn.Module):
                  timed: bool) -> None:
         super().__init__()
         f, n = n_filters, normalization
+        # Layer table mirroring the encoder's (official module names).
         self.block_five_up = Resample(16 * f, 8 * f, n, up=True, timed=timed)
         self.block_six = ConvBlock(3, 8 * f, 8 * f, n, timed=timed)
         self.block_six_up = Resample(8 * f, 4 * f, n, up=True, timed=timed)

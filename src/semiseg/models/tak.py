@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from semiseg.errors import ConfigError
 from semiseg.models.magicnet import MagicNet
 from semiseg.models.registry import register_model
-from semiseg.models.vnet import Inject, _norm
+from semiseg.models.vnet import Inject, norm_layers
 
 # Encoder stages the text branch works with: x3, x4, x5 (indices into encode()'s list).
 SCALE_STAGES = (2, 3, 4)
@@ -204,7 +204,7 @@ class TAKNet(MagicNet):
         self.head_input = nn.Sequential(_group_norm(f), nn.ReLU(),
                                         nn.Conv3d(f, head_channels, 1))
         self.feature_projections = nn.ModuleList(
-            nn.Sequential(nn.Conv3d(ch, ch, 1), *_norm(normalization, ch), nn.ReLU(),
+            nn.Sequential(nn.Conv3d(ch, ch, 1), *norm_layers(normalization, ch), nn.ReLU(),
                           nn.Conv3d(ch, ch, 1))
             for ch in self.scale_channels)
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from semiseg.models.registry import register_model
@@ -35,7 +34,8 @@ from semiseg.models.registry import register_model
 Inject = Callable[[int, Tensor], Tensor]
 
 
-def _norm(kind: str, channels: int) -> list[nn.Module]:
+def norm_layers(kind: str, channels: int) -> list[nn.Module]:
+    """The normalisation layer of ``kind`` for ``channels`` channels (none: no layer)."""
     if kind == "batchnorm":
         return [nn.BatchNorm3d(channels)]
     if kind == "groupnorm":
@@ -47,50 +47,47 @@ def _norm(kind: str, channels: int) -> list[nn.Module]:
     raise ValueError(f"unknown normalization {kind!r} (batchnorm|groupnorm|instancenorm|none)")
 
 
-class ConvBlock(nn.Module):
+def _conv_norm_relu(conv: nn.Module, channels: int, normalization: str) -> list[nn.Module]:
+    return [conv, *norm_layers(normalization, channels), nn.ReLU(inplace=True)]
+
+
+class _Stage(nn.Module):
+    """Layers applied in order, kept under the official module name ``conv`` (so state-dict
+    keys match the official checkpoints: ``<block>.conv.<i>.weight``)."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class ConvBlock(_Stage):
     """``n_stages`` x (3x3x3 conv, norm, ReLU); the first conv maps ``in_ch`` -> ``out_ch``."""
 
     def __init__(self, n_stages: int, in_ch: int, out_ch: int, normalization: str) -> None:
-        super().__init__()
         layers: list[nn.Module] = []
         for i in range(n_stages):
-            layers.append(nn.Conv3d(in_ch if i == 0 else out_ch, out_ch, 3, padding=1))
-            layers.extend(_norm(normalization, out_ch))
-            layers.append(nn.ReLU(inplace=True))
-        self.conv = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+            conv = nn.Conv3d(in_ch if i == 0 else out_ch, out_ch, 3, padding=1)
+            layers += _conv_norm_relu(conv, out_ch, normalization)
+        super().__init__(layers)
 
 
-class DownsamplingConvBlock(nn.Module):
+class DownsamplingConvBlock(_Stage):
     """Strided 2x2x2 convolution, norm, ReLU (halves every spatial size)."""
 
     def __init__(self, in_ch: int, out_ch: int, normalization: str, stride: int = 2) -> None:
-        super().__init__()
-        layers: list[nn.Module] = [nn.Conv3d(in_ch, out_ch, stride, padding=0, stride=stride)]
-        layers.extend(_norm(normalization, out_ch))
-        layers.append(nn.ReLU(inplace=True))
-        self.conv = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        conv = nn.Conv3d(in_ch, out_ch, stride, padding=0, stride=stride)
+        super().__init__(_conv_norm_relu(conv, out_ch, normalization))
 
 
-class UpsamplingDeconvBlock(nn.Module):
+class UpsamplingDeconvBlock(_Stage):
     """Transposed 2x2x2 convolution, norm, ReLU (doubles every spatial size)."""
 
     def __init__(self, in_ch: int, out_ch: int, normalization: str, stride: int = 2) -> None:
-        super().__init__()
-        layers: list[nn.Module] = [
-            nn.ConvTranspose3d(in_ch, out_ch, stride, padding=0, stride=stride)
-        ]
-        layers.extend(_norm(normalization, out_ch))
-        layers.append(nn.ReLU(inplace=True))
-        self.conv = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        conv = nn.ConvTranspose3d(in_ch, out_ch, stride, padding=0, stride=stride)
+        super().__init__(_conv_norm_relu(conv, out_ch, normalization))
 
 
 class VNetEncoder(nn.Module):
@@ -100,6 +97,8 @@ class VNetEncoder(nn.Module):
                  has_dropout: bool) -> None:
         super().__init__()
         f = n_filters
+        # Layer table with the official module names (checkpoints convert by name); the
+        # decoder's mirrors it, which a duplicate finder pairs.
         self.block_one = ConvBlock(1, in_channels, f, normalization)
         self.block_one_dw = DownsamplingConvBlock(f, 2 * f, normalization)
         self.block_two = ConvBlock(2, 2 * f, 2 * f, normalization)
@@ -129,6 +128,7 @@ class VNetDecoder(nn.Module):
     def __init__(self, n_filters: int, normalization: str, has_dropout: bool) -> None:
         super().__init__()
         f = n_filters
+        # Layer table mirroring the encoder's (official module names).
         self.block_five_up = UpsamplingDeconvBlock(16 * f, 8 * f, normalization)
         self.block_six = ConvBlock(3, 8 * f, 8 * f, normalization)
         self.block_six_up = UpsamplingDeconvBlock(8 * f, 4 * f, normalization)
@@ -208,9 +208,3 @@ def vnet(num_classes: int, in_channels: int = 1, n_filters: int = 16,
          normalization: str = "batchnorm", has_dropout: bool = False) -> VNet:
     """The papers' VNet (9,449,070 parameters for 14 classes at 16 filters)."""
     return VNet(num_classes, in_channels, n_filters, normalization, has_dropout)
-
-
-def _smoke() -> None:  # pragma: no cover - manual check
-    net = vnet(14)
-    print(sum(p.numel() for p in net.parameters()))
-    print(net(torch.zeros(1, 1, 32, 32, 32)).shape)

@@ -1,0 +1,194 @@
+"""CDBA (SCDL paper 2.1): the learnable class proxies, the prior computed from them, and the
+decoder hook that adds the prior to every decoding of a network. The equations are in
+:mod:`semiseg.losses.scdl`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from semiseg.losses.scdl import (
+    center_prior,
+    distribution_prior,
+    official_prior_token,
+    sample_proxies,
+    token_sampling_prior,
+)
+from semiseg.plugins.scdl.options import SCDLOptions
+
+
+def _inverse_softplus(value: float) -> float:
+    return value + math.log(-math.expm1(-value))  # log(exp(v) - 1), stable for small v
+
+
+@dataclass
+class TokenRecord:
+    """Tokens of one decoding: ``z`` ``[B, L, D]`` (float32, in the graph) on ``grid``."""
+
+    z: Tensor
+    grid: tuple[int, ...]
+
+    @property
+    def batch(self) -> int:
+        return int(self.z.size(0))
+
+
+class CDBA(nn.Module):
+    """Class Distribution Bidirectional Alignment: proxies, projector, prior and projections.
+
+    * ``proxy_mean`` ``mu`` and ``proxy_rho`` (``sigma = softplus(rho)``), ``[C, D]``, drawn
+      uniformly in ``±sqrt(6 / (C + 2 D))`` (a Xavier-uniform ``[C, 2D]`` table, as the official
+      module initialises its joint mean/sigma table; paper: "randomly initialized");
+    * ``noise_scale`` ``[D]`` of the token sampling prior;
+    * ``projector``: bottleneck channels -> D (identity by default);
+    * ``projections``: one 1x1x1 convolution per injected decoder stage, prior -> that stage's
+      channels.
+
+    Pure computation; the per-network state (prior cache, token records) is in
+    :class:`CDBAInjector`, so that one CDBA can serve several networks.
+    """
+
+    def __init__(self, in_channels: int, stage_channels: Iterable[int], num_classes: int,
+                 options: SCDLOptions) -> None:
+        super().__init__()
+        self.options = options
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.stage_channels = tuple(int(c) for c in stage_channels)
+        if options.projector == "none":
+            self.projector: nn.Module = nn.Identity()
+            dim = in_channels
+        elif options.projector == "linear":
+            self.projector = nn.Linear(in_channels, options.embedding_dim)
+            dim = options.embedding_dim
+        else:
+            hidden = 2 * options.embedding_dim
+            self.projector = nn.Sequential(
+                nn.Linear(in_channels, hidden), nn.ReLU(inplace=True),
+                nn.Dropout(options.mlp_dropout),
+                nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(options.mlp_dropout),
+                nn.Linear(hidden, options.embedding_dim),
+            )
+            dim = options.embedding_dim
+        self.embedding_dim = dim
+        bound = math.sqrt(6.0 / (num_classes + 2 * dim))
+        self.proxy_mean = nn.Parameter(torch.empty(num_classes, dim).uniform_(-bound, bound))
+        rho = torch.empty(num_classes, dim).uniform_(-bound, bound)
+        if options.proxy_init_sigma is not None:
+            rho.fill_(_inverse_softplus(options.proxy_init_sigma))
+        self.proxy_rho = nn.Parameter(rho)
+        init = (_inverse_softplus(options.init_noise_scale) if options.noise_scale == "softplus"
+                else options.init_noise_scale)
+        self.noise_scale = nn.Parameter(torch.full((dim,), float(init)))
+        self.prior_dim = (3 if options.prior == "paper" else 2) * dim
+        stages = range(len(self.stage_channels)) if options.injection == "all" else (0,)
+        self.projections = nn.ModuleDict({
+            str(s): nn.Conv3d(self.prior_dim, self.stage_channels[s], 1, bias=options.prior_bias)
+            for s in stages
+        })
+        if options.zero_init_projection:
+            for conv in self.projections.values():
+                nn.init.zeros_(conv.weight)
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
+
+    @property
+    def proxy_sigma(self) -> Tensor:
+        """``sigma_c = softplus(rho_c)``: per-dimension standard deviations, always positive."""
+        return F.softplus(self.proxy_rho)
+
+    def embed(self, bottleneck: Tensor) -> Tensor:
+        """Tokens of a bottleneck ``[B, Cx, gx, gy, gz]`` -> ``[B, L, D]`` (float32)."""
+        tokens = bottleneck.float().flatten(2).transpose(1, 2)
+        return self.projector(tokens)
+
+    def prior(self, z: Tensor) -> Tensor:
+        """The prior of every token, ``[B, L, D] -> [B, L, prior_dim]``.
+
+        ``prior: paper``: Eq. 7 ``concat(r_dist (Eq. 5), r_center (Eq. 6), z_sam)``;
+        ``official``: ``concat(official prior token, z_sam)`` (the official AMOS host's
+        concatenation). Random in training; the means in eval (see the module docstring).
+        """
+        opts = self.options
+        mu = self.proxy_mean
+        stochastic = self.training or opts.stochastic_eval
+        if stochastic:
+            z_sam = token_sampling_prior(z, self.noise_scale, opts.token_samples,
+                                         positive=opts.noise_scale == "softplus")
+        else:
+            z_sam = F.normalize(z, dim=-1, eps=1e-8)  # noise-free samples, all equal
+        if opts.prior == "official":
+            return torch.cat([official_prior_token(z, mu, opts.temperature), z_sam], dim=-1)
+        samples = (sample_proxies(mu, self.proxy_sigma, opts.proxy_samples) if stochastic
+                   else mu[:, None, :])
+        return torch.cat([distribution_prior(z, mu, samples), center_prior(z, mu), z_sam], -1)
+
+    def project(self, stage: int, prior_map: Tensor, size: torch.Size) -> Tensor | None:
+        """The prior's contribution to decoder stage ``stage`` at spatial ``size`` (or None).
+
+        The 1x1x1 projection runs on the coarse token grid and the result is resized: a 1x1x1
+        convolution and trilinear interpolation are both linear and the interpolation weights
+        sum to one, so they commute (bias included) and the cheap order gives the same numbers.
+        """
+        key = str(stage)
+        if key not in self.projections:  # ModuleDict has no .get()
+            return None
+        out = self.projections[key](prior_map)
+        if tuple(out.shape[2:]) != tuple(size):
+            out = F.interpolate(out, size=tuple(size), mode="trilinear", align_corners=False)
+        return out
+
+
+class CDBAInjector(nn.Module):
+    """The decoder hook of one network (:meth:`semiseg.models.vnet.VNet.attach_injector`).
+
+    Stage 0 embeds the bottleneck, computes the prior (cached for stages 1.. of the same
+    decoding) and, while recording and gradients are on, records the tokens for the losses.
+    Every stage adds the projected, resized prior (``injection: all``) or only stage 0 does
+    (``bottleneck``).
+    """
+
+    def __init__(self, cdba: CDBA) -> None:
+        super().__init__()
+        self.cdba = cdba
+        self.num_stages = len(cdba.stage_channels)
+        self._prior_map: Tensor | None = None
+        self._recording = False
+        self._records: list[TokenRecord] = []
+
+    def start_recording(self) -> None:
+        self._records = []
+        self._recording = True
+
+    def stop_recording(self) -> list[TokenRecord]:
+        """Stop recording; return (and forget) the tokens recorded since the start."""
+        records, self._records, self._recording = self._records, [], False
+        return records
+
+    def forward(self, stage: int, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            if stage == 0:
+                z = self.cdba.embed(x)
+                if self._recording and torch.is_grad_enabled():
+                    self._records.append(TokenRecord(z, tuple(x.shape[2:])))
+                prior = self.cdba.prior(z)
+                self._prior_map = prior.transpose(1, 2).reshape(
+                    x.size(0), prior.size(-1), *x.shape[2:])
+            prior_map = self._prior_map
+            if prior_map is None:
+                raise RuntimeError(f"SCDL injector: decoder stage {stage} before stage 0")
+            if prior_map.size(0) != x.size(0):
+                raise RuntimeError(f"SCDL injector: stage {stage} has {x.size(0)} samples, the "
+                                   f"bottleneck had {prior_map.size(0)}")
+            if stage >= self.num_stages - 1:
+                self._prior_map = None  # the decoding is over; free the graph it holds
+            addition = self.cdba.project(stage, prior_map, x.shape[2:])
+        if addition is None:
+            return x
+        return x + addition.to(x.dtype)
+
