@@ -10,7 +10,14 @@ random crop:
 * the logits' standard deviation over voxels (mean over images and classes) for ``tak`` and
   ``magicnet`` with the same encoder and decoder;
 * the gradient norm that a cross-entropy loss against a random label map sends to the first
-  encoder block, for both.
+  encoder block, for both;
+* for TAK: the class-separating logit variation (std over classes of the logits, mean over
+  voxels), the share of the generated head weights that differs between classes, and the text
+  half's share of the controller input;
+
+for the official TAK network and for the choices of docs/methods/tak.md ("The dynamic
+head"): ``controller_init: scaled``, ``controller_input: balanced`` or ``centered``, text rows
+at unit RMS.
 
 Run with the authors' embedding file for the official setting, or without for random unit
 embeddings (the scale of the offline MiniLM encoder)::
@@ -64,30 +71,53 @@ def main() -> None:
           f"(row norm {embeddings.norm(dim=-1).mean():.2f}), {args.n_filters} filters, "
           f"{args.patch}^3 crop")
 
+    from semiseg.methods.tak import normalize_text_rows
+
+    variants = [
+        ("magicnet", "magicnet", {}, embeddings),
+        ("tak official", "tak", {}, embeddings),
+        ("tak scaled", "tak", {"controller_init": "scaled"}, embeddings),
+        ("tak balanced", "tak", {"controller_input": "balanced"}, embeddings),
+        ("tak scaled+balanced", "tak",
+         {"controller_init": "scaled", "controller_input": "balanced"}, embeddings),
+        ("  + text rms", "tak", {"controller_init": "scaled", "controller_input": "balanced"},
+         normalize_text_rows(embeddings)),
+        ("tak scaled+centered", "tak",
+         {"controller_init": "scaled", "controller_input": "centered"}, embeddings),
+        ("  + text rms", "tak", {"controller_init": "scaled", "controller_input": "centered"},
+         normalize_text_rows(embeddings)),
+    ]
     rows = []
-    for name in ("magicnet", "tak"):
+    for title, name, options, text in variants:
         torch.manual_seed(args.seed)
-        extra = {"text_embeddings": embeddings} if name == "tak" else {}
+        extra = {"text_embeddings": text, **options} if name == "tak" else {}
         network = create_model(name, num_classes, **common, **extra)
         logits = network(image)
         F.cross_entropy(logits, label).backward()
         first = network.encoder.block_one
         grad = torch.sqrt(sum(p.grad.pow(2).sum() for p in first.parameters()
                               if p.grad is not None))
-        rows.append((name, float(logits.detach().std(dim=(2, 3, 4)).mean()), float(grad)))
+        spread = float(logits.detach().std(dim=(2, 3, 4)).mean())
+        separating = float(logits.detach().std(dim=1).mean())
+        share = text_share = float("nan")
+        stds = ""
         if name == "tak":
+            share = float(network.head_stats["class_share"])
+            text_share = float(network.head_stats["text_input_share"])
             with torch.no_grad():
-                features = network.encode(image)
-                params = network.head_parameters(network.image_feature(features),
+                params = network.head_parameters(network.image_feature(network.encode(image)),
                                                  network.text_condition())
-            stds = [float(t.std()) for t in split_head_parameters(params)]
-            print("generated head std  W1 {:.4f}  W2 {:.4f}  W3 {:.4f}  b1 {:.4f}  b2 {:.4f}  "
-                  "b3 {:.4f}".format(*stds))
-    print(f"{'network':<10}{'logit std over voxels':>24}{'grad norm, block one':>24}")
-    for name, spread, grad in rows:
-        print(f"{name:<10}{spread:>24.5f}{grad:>24.5f}")
-    print(f"ratio magicnet / tak: logit spread {rows[0][1] / rows[1][1]:.0f}x, "
-          f"encoder gradient {rows[0][2] / rows[1][2]:.1f}x")
+            stds = " ".join(f"{float(t.std()):.3f}" for t in split_head_parameters(params)[:3])
+        rows.append((title, spread, separating, float(grad), share, text_share, stds))
+    print(f"{'network':<22}{'logit std/voxels':>17}{'class-separating':>17}{'grad block1':>13}"
+          f"{'class share':>12}{'text share':>11}  W1 W2 W3 std")
+    for title, spread, separating, grad, share, text_share, stds in rows:
+        print(f"{title:<22}{spread:>17.5f}{separating:>17.5f}{grad:>13.5f}{share:>12.3f}"
+              f"{text_share:>11.3f}  {stds}")
+    base = rows[0]
+    for row in rows[1:]:
+        print(f"magicnet / {row[0].strip()}: logit spread {base[1] / row[1]:.1f}x, encoder "
+              f"gradient {base[3] / row[3]:.1f}x")
 
 
 if __name__ == "__main__":

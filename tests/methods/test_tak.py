@@ -252,17 +252,49 @@ def test_trainer_runs_tak_and_rebuilds_it_from_the_checkpoint(embedding_file: Pa
         assert network(x).shape == (1, 14, P, P, P)
 
 
-def test_head_calibration_runs_on_the_first_iteration_only(embedding_file: Path) -> None:
-    method = _method(embedding_file, head_calibration=True)
-    initial = method.network.controller.weight.detach().clone()
-    _run(method, 5)  # a resumed run (iteration > 0) keeps its controller
-    assert torch.equal(method.network.controller.weight, initial)
-    fresh = _method(embedding_file, head_calibration=True)
-    _run(fresh, 0)
-    assert not torch.equal(fresh.network.controller.weight, initial)
-    for net in (fresh.network, fresh.teacher.network):
-        with torch.no_grad():
-            image = _batch().image
-            params = net.head_parameters(net.image_feature(net.encode(image)),
-                                         net.text_condition())
-        assert params[..., :64].std().item() == pytest.approx(1 / 24 ** 0.5, rel=1e-3)
+def test_head_diagnostics_after_a_step(embedding_file: Path) -> None:
+    method = _method(embedding_file)
+    assert method.diagnostics() == {}  # nothing generated yet
+    _run(method, 0)
+    diag = method.diagnostics()
+    assert set(diag) == {"tak/class_share", "tak/text_input_share"}
+    assert 0.0 < diag["tak/class_share"] < 1.0 and 0.0 < diag["tak/text_input_share"] < 1.0
+    # The same with the balanced input: each half carries exactly half of the input.
+    balanced = build_method("tak", _context(controller_input="balanced"),
+                            {"cube_size": 16, "embeddings": str(embedding_file)})
+    _run(balanced.train(), 0)
+    assert balanced.diagnostics()["tak/text_input_share"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_text_controls_and_row_norm(embedding_file: Path) -> None:
+    base = _method(embedding_file).network.text_embeddings  # kinds (position, shape)
+    shared = _method(embedding_file, text_control="shared").network.text_embeddings
+    assert torch.allclose(shared, base.mean(1, keepdim=True).expand_as(base))
+    random_a = _method(embedding_file, text_control="random").network.text_embeddings
+    random_b = _method(embedding_file, text_control="random").network.text_embeddings
+    assert torch.equal(random_a, random_b)  # one fixed code, whatever the run
+    assert torch.allclose(random_a.norm(dim=-1), torch.ones(2, 4))
+    assert not torch.allclose(random_a[:, 0], random_a[:, 1])
+    # "names": the name prompt's embedding for every prompt kind (the file's row 0).
+    names = _method(embedding_file, text_control="names").network.text_embeddings
+    stored = torch.load(embedding_file)["embeddings"]
+    assert torch.allclose(names, stored[0].expand(2, 4, 8))
+    rms = _method(embedding_file, text_norm="rms").network.text_embeddings
+    assert torch.allclose(rms.norm(dim=-1), torch.full((2, 4), 8 ** 0.5))
+    assert torch.allclose(rms / rms.norm(dim=-1, keepdim=True),
+                          base / base.norm(dim=-1, keepdim=True), atol=1e-6)
+
+
+def test_resuming_keeps_the_trained_controller(embedding_file: Path) -> None:
+    # The analytic initialisation happens when the network is built, from no data; a resumed
+    # run then loads its checkpoint over it, so the trained controller is what it continues.
+    context = _context(controller_init="scaled", controller_input="balanced")
+    trained = build_method("tak", context, {"cube_size": 16, "embeddings": str(embedding_file)})
+    with torch.no_grad():
+        trained.network.controller.weight.mul_(3.0)
+    torch.manual_seed(123)
+    resumed = build_method("tak", context, {"cube_size": 16, "embeddings": str(embedding_file)})
+    fresh = resumed.network.controller.weight.detach().clone()
+    resumed.load_state_dict(trained.state_dict())
+    assert torch.equal(resumed.network.controller.weight, trained.network.controller.weight)
+    assert not torch.equal(resumed.network.controller.weight, fresh)

@@ -338,17 +338,21 @@ class Trainer:
         timer, timed = time.perf_counter(), 0
         try:
             for batch in self._batches():
+                logged = ((self.iteration + 1) % train.log_every == 0
+                          or self.iteration + 1 == train.max_iterations)
                 step = StepInfo(self.iteration, train.max_iterations,
-                                self.data.iterations_per_epoch)
+                                self.data.iterations_per_epoch, log=logged)
                 logs = self._step(batch, step)
                 self.iteration += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['loss/total']:.4f}", refresh=False)
                 done = self.iteration == train.max_iterations
                 timed += 1
-                if self.iteration % train.log_every == 0 or done:
+                if logged:
                     logs["time/iter_s"] = (time.perf_counter() - timer) / timed
                     timer, timed = time.perf_counter(), 0
+                    logs.update({f"diag/{name}": value
+                                 for name, value in self.method.diagnostics().items()})
                 else:
                     logs = {}
                 if train.validate_every > 0 and (self.iteration % train.validate_every == 0

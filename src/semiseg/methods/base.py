@@ -58,6 +58,8 @@ class StepInfo:
     iteration: int  # 0-based index of the iteration being computed
     max_iterations: int
     iterations_per_epoch: int = 1
+    # Whether the trainer logs this iteration: methods compute costly diagnostics only then.
+    log: bool = False
 
     @property
     def epoch(self) -> int:
@@ -121,6 +123,11 @@ class Method(nn.Module, abc.ABC):
 
     def after_step(self, step: StepInfo) -> None:
         """Called after each optimiser step (EMA teachers, running statistics)."""
+
+    def diagnostics(self) -> dict[str, float]:
+        """Scalars that show what the method is doing (logged as ``diag/<name>`` at log
+        iterations, after the step whose :class:`StepInfo` had ``log`` set); none by default."""
+        return {}
 
     def observe_labeled_labels(self, labels: Iterable[np.ndarray]) -> None:
         """Called once before training from scratch with the label volume of every labeled

@@ -120,8 +120,14 @@ class TAKOptions(GAMagicNetOptions):
     rampup_length: float = 160.0
     pseudo_cube_decoder: Literal["teacher", "student"] = "teacher"
     pseudo_cube_head: Literal["per_cube", "reassembled"] = "per_cube"
-    # -- not in the paper or the official code --
-    head_calibration: bool = False  # rescale the controller on the first batch (calibrate_head)
+    # -- not in the paper or the official code (docs/methods/tak.md, "The dynamic head") --
+    # Every embedding row rescaled to unit root mean square (norm sqrt(D)), so MiniLM's unit
+    # rows, BiomedCLIP's and the authors' file (norm ~4.8) enter alike; "none" = as encoded.
+    text_norm: Literal["none", "rms"] = "none"
+    # Text controls: "none" = the prompts' embeddings; "names" = "a computerized tomography of
+    # a {name}" for every prompt kind; "random" = a fixed random vector per class and kind;
+    # "shared" = every class gets the classes' mean embedding (the text cannot tell them apart).
+    text_control: Literal["none", "names", "random", "shared"] = "none"
 
 
 def _check_tak_options(opts: TAKOptions) -> None:
@@ -156,7 +162,40 @@ def resolve_class_embeddings(context: MethodContext, opts: TAKOptions) -> Tensor
         source = opts.embeddings or opts.knowledge or "the packaged knowledge"
         raise DataError(f"{source}: {found.num_classes} classes of text embeddings, but the run "
                         f"has {context.num_classes}")
-    return found.tensor
+    tensor = found.tensor
+    if opts.text_control == "names":
+        # The name prompt of the same source: an embedding file's "name" kind, else the
+        # knowledge's names encoded by the same encoder.
+        names = resolve_embeddings(
+            class_set.name if class_set else "custom", ["name"], opts.encoder, opts.encoder_model,
+            opts.knowledge, opts.embeddings, opts.embeddings_kinds, opts.embedding_cache_dir)
+        tensor = names.tensor.expand_as(tensor).clone()
+    elif opts.text_control != "none":
+        tensor = text_control_embeddings(tensor, opts.text_control)
+    return normalize_text_rows(tensor) if opts.text_norm == "rms" else tensor
+
+
+# The random text control is the same code for every run (a fixed generator), so it is one
+# control, not a fresh random draw per seed.
+RANDOM_TEXT_SEED = 20251126
+
+
+def text_control_embeddings(embeddings: Tensor, control: str) -> Tensor:
+    """``[K, C, D]`` replaced for a text control: ``random`` = i.i.d. Gaussian unit vectors per
+    kind and class (fixed seed), ``shared`` = every class the mean over classes of its kind."""
+    if control == "random":
+        generator = torch.Generator().manual_seed(RANDOM_TEXT_SEED)
+        noise = torch.randn(embeddings.shape, generator=generator)
+        return noise / noise.norm(dim=-1, keepdim=True)
+    if control == "shared":
+        return embeddings.mean(1, keepdim=True).expand_as(embeddings).clone()
+    raise ConfigError(f"method.options.text_control: unknown control {control!r}")
+
+
+def normalize_text_rows(embeddings: Tensor) -> Tensor:
+    """Every embedding row rescaled to unit root mean square (L2 norm ``sqrt(D)``)."""
+    rms = embeddings.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+    return embeddings / rms
 
 
 @register_method("tak")
@@ -190,10 +229,7 @@ class TAKMethod(GAMagicNetMethod):
         return network
 
     def step_condition(self, image: Tensor, step: StepInfo) -> TextCondition:
-        """Calibrates the head on the first batch if asked, then the text condition of the
-        step (per scale, and fused)."""
-        if self.options.head_calibration and step.iteration == 0:  # a resumed run is past it
-            self.calibrate_head(image)
+        """The text condition of the step (per scale, and fused)."""
         scales = self.network.text_scale_embeddings()
         return TextCondition(scales, self.network.text_condition(scales))
 
@@ -261,18 +297,11 @@ class TAKMethod(GAMagicNetMethod):
         return weights
 
     # -- TAK's own parts ---------------------------------------------------------------------
-    def calibrate_head(self, image: Tensor) -> dict[str, float]:
-        """:meth:`TAKNet.calibrate_head` on the student; the teacher's controller gets the same
-        scaling (it is an independent network, so its own statistics are measured too)."""
-        measured = self.network.calibrate_head(image)
-        self.teacher.network.calibrate_head(image)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Each rank measured its own slice of the batch; DDP only syncs parameters at
-            # construction, so every rank takes rank 0's scaling to stay identical.
-            for net in (self.network, self.teacher.network):
-                for tensor in (net.controller.weight, net.controller.bias):
-                    torch.distributed.broadcast(tensor.data, src=0)
-        return measured
+    def diagnostics(self) -> dict[str, float]:
+        """What the dynamic head looked like at the last training step: the share of the
+        generated head weights that differs between classes (``tak/class_share``) and the text
+        half's share of the controller input (``tak/text_input_share``)."""
+        return {f"tak/{name}": float(value) for name, value in self.network.head_stats.items()}
 
     def _tak_pseudo_cube_logits(self, cube_features: list[Tensor], text: Tensor, n_lab: int,
                                 n_unl: int, num_cubes: int) -> Tensor:

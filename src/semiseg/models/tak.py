@@ -45,6 +45,15 @@ from torch import Tensor, nn
 from semiseg.errors import ConfigError
 from semiseg.models.magicnet import MagicNet
 from semiseg.models.registry import register_model
+from semiseg.models.tak_controller import (
+    CONTROLLER_INITS,
+    CONTROLLER_INPUTS,
+    class_share,
+    controller_input,
+    expected_image_feature,
+    generated_targets,
+    init_controller,
+)
 from semiseg.models.vnet import Inject, norm_layers
 
 # Encoder stages the text branch works with: x3, x4, x5 (indices into encode()'s list).
@@ -153,7 +162,8 @@ class TAKNet(MagicNet):
                  patch_size: int | Sequence[int] = 96, normalization: str = "instancenorm",
                  has_dropout: bool = False, location_hidden: int = 4096,
                  location_bias: bool = False, head_channels: int = 8,
-                 head_impl: str = "auto") -> None:
+                 head_impl: str = "auto", controller_input: str = "official",
+                 controller_init: str = "official") -> None:
         super().__init__(num_classes, in_channels, n_filters, cube_size, patch_size,
                          normalization, has_dropout, location_hidden)
         if text_embeddings is not None:
@@ -180,6 +190,12 @@ class TAKNet(MagicNet):
             raise ConfigError(f"head_impl: {head_impl!r} is not one of 'auto', 'grouped_conv', "
                               "'bmm'")
         self.head_impl = head_impl
+        if controller_input not in CONTROLLER_INPUTS:
+            raise ConfigError(f"controller_input: {controller_input!r} is not one of "
+                              f"{', '.join(CONTROLLER_INPUTS)}")
+        if controller_init not in CONTROLLER_INITS:
+            raise ConfigError(f"controller_init: {controller_init!r} is not one of "
+                              f"{', '.join(CONTROLLER_INITS)}")
 
         # The segmentation output is the dynamic head's; MagicNet's location head keeps its
         # shape, with the official bias-free first layer.
@@ -201,12 +217,21 @@ class TAKNet(MagicNet):
                           nn.Linear(ch, embed))
             for ch in self.scale_channels)
         self.controller = nn.Linear(2 * embed, head_parameter_count(head_channels))
+        # Gains of the image and text halves of the balanced controller input (models/
+        # tak_controller.py); the official input has none.
+        self.input_gains = (nn.Parameter(torch.ones(2)) if controller_input != "official"
+                            else None)
+        self.center_text = controller_input == "centered"
+        # Statistics of the last training-mode controller output, for the method's logs.
+        self.head_stats: dict[str, Tensor] = {}
         self.head_input = nn.Sequential(_group_norm(f), nn.ReLU(),
                                         nn.Conv3d(f, head_channels, 1))
         self.feature_projections = nn.ModuleList(
             nn.Sequential(nn.Conv3d(ch, ch, 1), *norm_layers(normalization, ch), nn.ReLU(),
                           nn.Conv3d(ch, ch, 1))
             for ch in self.scale_channels)
+        if controller_init == "scaled":
+            self.init_controller()
 
     # -- text ---------------------------------------------------------------------------------
     def set_text_embeddings(self, embeddings: Tensor) -> None:
@@ -244,47 +269,45 @@ class TAKNet(MagicNet):
 
     # -- head ---------------------------------------------------------------------------------
     def head_parameters(self, image_feature: Tensor, text: Tensor) -> Tensor:
-        """Controller output ``[B, C, P]`` for image features ``[B, E]`` and text ``[C, E]``."""
-        b, c = image_feature.size(0), text.size(0)
-        pair = torch.cat([image_feature[:, None].expand(b, c, -1),
-                          text[None].expand(b, c, -1)], dim=-1)
-        return self.controller(pair)
+        """Controller output ``[B, C, P]`` for image features ``[B, E]`` and text ``[C, E]``.
+
+        In training mode (with gradients) it also keeps the share of the generated weights
+        that differs between classes and the text half's share of the input, in ``head_stats``.
+        """
+        pair = controller_input(image_feature, text, self.input_gains, self.center_text)
+        params = self.controller(pair)
+        if self.training and torch.is_grad_enabled():
+            weights = slice(0, sum(head_parameter_sizes(self.head_channels)[:3]))
+            half = pair.size(-1) // 2
+            with torch.no_grad():
+                image_sq = pair[..., :half].float().pow(2).sum(-1).mean()
+                text_sq = pair[..., half:].float().pow(2).sum(-1).mean()
+                self.head_stats = {"class_share": class_share(params, weights),
+                                   "text_input_share": text_sq / (image_sq + text_sq)}
+        return params
+
+    # -- initialisation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def expected_controller_input_sq_norm(self) -> float:
+        """``E||[image feature, text condition]||²`` at the current parameters, without data:
+        exact for the balanced input, the text half exact and the image half at its
+        expectation for the official one (models/tak_controller.py)."""
+        embed = self.embed_dim
+        if self.input_gains is not None:
+            return float(embed * self.input_gains.pow(2).sum())
+        image = expected_image_feature(list(self.image_pooling))
+        text = self.text_condition()
+        return float(image.pow(2).sum() + text.pow(2).sum(-1).mean())
 
     @torch.no_grad()
-    def calibrate_head(self, image: Tensor) -> dict[str, float]:
-        """Rescale the controller so the generated head weights start at a static conv's scale.
-
-        Not in the paper or the official code (option ``head_calibration`` of method ``tak``,
-        off by default). With PyTorch's default initialisation (the official one) the
-        generated W1, W2, W3 have a standard deviation near 0.06, a third of what PyTorch gives
-        a static 1x1x1 convolution of the same fan-in h (``1/sqrt(3h)``, 0.204 for h = 8), and
-        the three stacked products leave the initial logits hundreds of times flatter over
-        voxels than MagicNet's static head (``benchmarks/tak_head_init.py``). Here the
-        controller rows of each generated weight tensor (weights and bias of those rows) are
-        multiplied by ``1/sqrt(3h) / std``, with ``std`` measured on ``image`` (the first
-        training batch); the rows of the generated biases stay as they are. Normalisation
-        buffers (batch-norm running statistics) are restored afterwards, so the only change is
-        the controller's scale. Returns the measured standard deviations before rescaling.
-        """
-        buffers = {name: value.clone() for name, value in self.named_buffers()}
-        features = self.encode(image)
-        params = self.head_parameters(self.image_feature(features), self.text_condition())
-        for name, value in self.named_buffers():
-            value.copy_(buffers[name])
+    def init_controller(self) -> None:
+        """The analytic controller initialisation (``controller_init: scaled``): generated W1
+        and W2 start with He's standard deviation ``sqrt(2/h)``, W3 and the biases with a
+        static 1x1x1 convolution's ``1/sqrt(3h)``, whatever the text width, the number of
+        classes or the data (models/tak_controller.py)."""
         h = self.head_channels
-        target = 1.0 / math.sqrt(3 * h)
-        measured: dict[str, float] = {}
-        start = 0
-        # W1, W2, W3 (fan-in h each) lead the layout; the generated biases follow them.
-        for name, size in zip(("W1", "W2", "W3"), head_parameter_sizes(h)[:3]):
-            rows = slice(start, start + size)
-            std = float(params[..., rows].std())
-            measured[name] = std
-            if std > 0:
-                self.controller.weight[rows] *= target / std
-                self.controller.bias[rows] *= target / std
-            start += size
-        return measured
+        init_controller(self.controller, self.expected_controller_input_sq_norm(),
+                        head_parameter_sizes(h), generated_targets(h))
 
     def head(self, feature: Tensor, features: Sequence[Tensor] | None = None,
              text: Tensor | None = None) -> Tensor:
@@ -331,12 +354,16 @@ def tak(num_classes: int, text_embeddings: Tensor | None = None, text_dim: int |
         prompt_kinds: int = 2, in_channels: int = 1, n_filters: int = 16, cube_size: int = 32,
         patch_size: int | Sequence[int] = 96, normalization: str = "instancenorm",
         has_dropout: bool = False, location_hidden: int = 4096, location_bias: bool = False,
-        head_channels: int = 8, head_impl: str = "auto") -> TAKNet:
+        head_channels: int = 8, head_impl: str = "auto", controller_input: str = "official",
+        controller_init: str = "official") -> TAKNet:
     """TAK's text-driven MagicNet (18,679,740 parameters for 16 classes, 512-d text, two prompt
     kinds, 16 filters, 32^3 cubes in 96^3 crops). ``text_embeddings`` ``[K, C, D]`` become a
     buffer; without them a zero placeholder of ``[prompt_kinds, C, text_dim]`` is used.
     ``head_impl``: ``auto`` (default: ``bmm`` on the CPU, ``grouped_conv`` on a GPU),
-    ``grouped_conv`` or ``bmm`` (same numbers)."""
+    ``grouped_conv`` or ``bmm`` (same numbers). ``controller_input`` (``official`` |
+    ``balanced`` | ``centered``) and ``controller_init`` (``official`` = PyTorch's default |
+    ``scaled``): see :mod:`semiseg.models.tak_controller`; the official network is
+    ``official``/``official``."""
     return TAKNet(num_classes, text_embeddings, text_dim, prompt_kinds, in_channels, n_filters,
                   cube_size, patch_size, normalization, has_dropout, location_hidden,
-                  location_bias, head_channels, head_impl)
+                  location_bias, head_channels, head_impl, controller_input, controller_init)
