@@ -127,3 +127,26 @@ def test_vectorised_losses_match_the_loop_form_on_random_inputs(seed: int) -> No
     probs = torch.softmax(logits, 1)
     assert ga_dice_loss(probs, target).item() == pytest.approx(
         _official_style_dice(probs, target).item(), rel=1e-10)
+
+
+def test_ga_ce_equals_the_official_flattened_rows_to_the_bit() -> None:
+    # ga_ce_loss takes the cross entropy over the class axis of the map (fast on the CPU);
+    # the official GACE copies the logits into [N, C] rows first. Same values, same order.
+    import torch.nn.functional as F
+
+    torch.manual_seed(3)
+    logits = torch.randn(2, 5, 6, 4, 3)
+    target = torch.randint(0, 5, (2, 6, 4, 3))
+    rows = F.cross_entropy(logits.movedim(1, -1).reshape(-1, 5), target.reshape(-1),
+                           reduction="none")
+    assert torch.equal(F.cross_entropy(logits, target, reduction="none").reshape(-1), rows)
+    assert torch.equal(ga_ce_loss(logits, target), ga_ce_loss(logits, target[:, None]))
+    with pytest.raises(ValueError, match="disagree"):
+        ga_ce_loss(logits, target[:, :5])
+
+
+def test_class_argmax_is_argmax_with_ties() -> None:
+    from semiseg.losses.labels import class_argmax
+
+    scores = torch.tensor([[[1.0, 2.0], [3.0, 2.0], [3.0, 0.0]]])  # [1, 3, 2]; tie at voxel 0
+    assert class_argmax(scores).tolist() == [[1, 0]] == scores.argmax(1).tolist()

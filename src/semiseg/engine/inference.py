@@ -18,6 +18,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
+from semiseg.losses.labels import class_argmax
+
 Triple = tuple[int, int, int]
 
 
@@ -99,4 +101,4 @@ def predict_volume(
             )
     finally:
         network.train(was_training)
-    return probs.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+    return class_argmax(probs)[0].to(torch.uint8).cpu().numpy()

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from semiseg.losses.labels import class_histogram
+from semiseg.losses.labels import class_argmax, class_histogram
 from semiseg.losses.segmentation import dice_ce_loss, soft_dice_loss
 
 # The official code adds 1e-8 to every count before taking the ratio, so an absent class
@@ -212,7 +212,7 @@ class DiffDW(nn.Module):
 
     def update_from_logits(self, logits: Tensor, label: Tensor) -> Tensor:
         """:meth:`update` with the hard Dice of ``argmax(logits)`` against ``label``."""
-        pred = logits.detach().argmax(1)
+        pred = class_argmax(logits.detach())
         if label.dim() == logits.dim():
             label = label[:, 0]
         return self.update(hard_dice_per_class(pred, label, self.num_classes))

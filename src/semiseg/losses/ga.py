@@ -58,11 +58,16 @@ def ga_ce_loss(logits: Tensor, target: Tensor, k: float = 10.0, gamma: float = 0
     it in the logits' dtype, a difference of ~1e-7 relative in float64.
     """
     num_classes = logits.size(1)
-    flat_logits = logits.movedim(1, -1).reshape(-1, num_classes)
-    flat_target = target.reshape(-1).long()
-    if flat_target.numel() != flat_logits.size(0):
+    if target.dim() == logits.dim():  # [B, 1, ...]
+        target = target[:, 0]
+    if target.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree")
-    per_voxel = F.cross_entropy(flat_logits, flat_target, reduction="none")
+    flat_target = target.reshape(-1).long()
+    # Cross entropy over the class axis of the [B, C, ...] map, flattened afterwards: the
+    # official code first copies the logits into [N, C] rows, and PyTorch's CPU kernels are
+    # 9x slower on those short rows (139 vs 16 ms forward + backward for [4, 14, 32^3]); the
+    # values and their voxel order (b, x, y, z) are the same to the bit.
+    per_voxel = F.cross_entropy(logits, target.long(), reduction="none").reshape(-1)
     keep = int(per_voxel.numel() * k / 100)
     if keep == 0:
         return per_voxel.sum() * 0.0

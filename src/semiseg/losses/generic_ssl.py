@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from semiseg.losses.labels import class_argmax
+
 # guided-diffusion's linear schedule (Ho et al. 2020) for T = 1000, scaled by 1000 / T.
 BETA_START = 1e-4
 BETA_END = 0.02
@@ -233,7 +235,7 @@ def fuse_pseudo_label(xi_x0: Tensor, psi_logits: Tensor, smoothing: str = "offic
         xi = torch.softmax(xi_x0.float(), dim=1)
     else:
         raise ValueError(f"unknown pseudo-label smoothing {smoothing!r} (official|softmax)")
-    return (xi + psi).argmax(dim=1)
+    return class_argmax(xi + psi)
 
 
 # ----------------------------------------------------------------------------- debiasing

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from semiseg.losses.labels import class_histogram
+from semiseg.losses.labels import class_argmax, class_histogram
 
 # The official frequency (N_c + 1e-8) / (Σ N + 1e-8) (numpy, float64).
 FREQ_EPS = 1e-8
@@ -82,7 +82,7 @@ class SimiSWeights(nn.Module):
     def update(self, logits: Tensor) -> Tensor:
         """``w ← m w + (1 - m) C (max P - P)`` with P from ``argmax logits`` (all voxels of
         the batch); returns the new weights (float64)."""
-        counts = class_histogram(logits.detach().argmax(1), self.num_classes)
+        counts = class_histogram(class_argmax(logits.detach()), self.num_classes)
         current = simis_gap_weights(counts).to(self.weights.device)
         self.weights.mul_(self.momentum).add_(current, alpha=1.0 - self.momentum)
         return self.weights.clone()

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from semiseg.errors import ConfigError, DataError
-from semiseg.losses.labels import class_histogram
+from semiseg.losses.labels import class_argmax, class_histogram
 from semiseg.methods.base import Batch, Method, MethodContext, MethodNetworks
 from semiseg.models import create_model
 from semiseg.models.ensemble import LogitAverage
@@ -54,7 +54,7 @@ class CoTrainedPair(Method):
         no gradient, no threshold)."""
         logits_a = self.net_a(image)
         logits_b = self.net_b(image)
-        return logits_a, logits_b, logits_a.detach().argmax(1), logits_b.detach().argmax(1)
+        return logits_a, logits_b, class_argmax(logits_a.detach()), class_argmax(logits_b.detach())
 
     def inference_network(self) -> nn.Module:
         # Built on demand so the two networks are not registered twice in the state dict.

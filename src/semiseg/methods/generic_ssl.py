@@ -53,6 +53,7 @@ from semiseg.losses.generic_ssl import (
     sample_timesteps,
     spaced_timesteps,
 )
+from semiseg.losses.labels import class_argmax
 from semiseg.losses.segmentation import dice_ce_loss, soft_dice_loss
 from semiseg.methods.base import Batch, Method, MethodContext, MethodNetworks, StepInfo
 from semiseg.methods.dhc_schedule import consistency_weight, official_max_epoch
@@ -170,7 +171,7 @@ class GenericSSL(Method):
     @torch.no_grad()
     def update_difficulty(self, logits: Tensor, label: Tensor) -> Tensor:
         """New difficulty weights from ``argmax(logits)`` vs ``label``; stores the state."""
-        dice = hard_dice(logits.detach().argmax(1), label, self.context.num_classes)
+        dice = hard_dice(class_argmax(logits.detach()), label, self.context.num_classes)
         opts = self.options
         weights, state = difficulty_weights(self.difficulty_state(), dice,
                                             opts.diff_accumulate_iters, opts.diff_power,

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from semiseg.errors import ConfigError, DataError
 from semiseg.losses.ga import ga_ce_loss, ga_dice_loss
+from semiseg.losses.labels import class_argmax
 from semiseg.losses.magic_cube import (
     ClassCountLogger,
     blend_pseudo_logits,
@@ -287,7 +288,7 @@ class MagicNetMethod(Method):
         with torch.no_grad():
             teacher_logits = self.teacher(unlabeled + noise).float()
             teacher_probs = torch.softmax(teacher_logits, dim=1)
-            teacher_class = teacher_probs.argmax(1)
+            teacher_class = class_argmax(teacher_probs)
 
         # 4. Supervised terms.
         terms = {
@@ -321,7 +322,7 @@ class MagicNetMethod(Method):
                 blended = blend_pseudo_logits(teacher_logits, cube_logits, teacher_class,
                                               weights)
                 pseudo_probs = torch.softmax(blended, dim=1)
-                pseudo = pseudo_probs.argmax(1)
+                pseudo = class_argmax(pseudo_probs)
             else:
                 pseudo, pseudo_probs = teacher_class, teacher_probs
             self.class_logger.append(pseudo)

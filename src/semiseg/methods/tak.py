@@ -60,6 +60,7 @@ from torch import Tensor
 
 from semiseg.errors import ConfigError, DataError
 from semiseg.knowledge.texts import check_kinds, class_set_of
+from semiseg.losses.labels import class_argmax
 from semiseg.losses.schedule import sigmoid_rampup
 from semiseg.losses.tak import (
     IGNORE,
@@ -265,7 +266,7 @@ class TAKMethod(GAMagicNetMethod):
             return {"contrast": torch.zeros((), device=state.image.device)}
         threshold = self.entropy_threshold(state.step)
         with torch.no_grad():
-            teacher_class = state.teacher_probs.argmax(1)
+            teacher_class = class_argmax(state.teacher_probs)
             confident_teacher = torch.where(entropy(state.teacher_probs) <= threshold,
                                             teacher_class, IGNORE)
             confident_pseudo = torch.where(entropy(state.pseudo_probs) <= threshold,
