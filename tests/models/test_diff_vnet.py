@@ -94,7 +94,7 @@ def test_injector_is_called_at_every_decoder_stage_of_every_decoder() -> None:
         plain = (net.theta(x), net.psi(x), net.denoise(x_t, t, x))
     recorder = Recorder(0.0)
     net.attach_injector(recorder)
-    stages = [(0, 64), (1, 32), (2, 16), (3, 8), (4, 4)]
+    stages = [(0, 64), (1, 32), (2, 16), (3, 8), (4, 4), (5, 4)]  # 5: the head's input
     with torch.no_grad():
         for path, before in zip((lambda: net.theta(x), lambda: net.psi(x),
                                  lambda: net.denoise(x_t, t, x)), plain):
@@ -118,4 +118,4 @@ def test_denoiser_can_be_left_without_injection() -> None:
         net.denoise(torch.randn(1, 3, 16, 16, 16), torch.tensor([1]), torch.randn(1, 1, 16, 16, 16))
         assert recorder.calls == []
         net.psi(torch.randn(1, 1, 16, 16, 16))
-    assert len(recorder.calls) == 5
+    assert len(recorder.calls) == 6

@@ -38,7 +38,8 @@ def test_encode_decode_seam_equals_forward() -> None:
         return feature + 1.0 if stage == 2 else feature
 
     out = net.decode(features, inject)
-    assert seen == [(0, 64), (1, 32), (2, 16), (3, 8), (4, 4)]
+    # The bottleneck, after each up-sampling, and the head's input (HEAD_STAGE 5).
+    assert seen == [(0, 64), (1, 32), (2, 16), (3, 8), (4, 4), (5, 4)]
     assert net.decoder.stage_channels == (64, 32, 16, 8, 4)
     assert not torch.allclose(out, net(x))
 

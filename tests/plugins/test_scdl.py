@@ -37,12 +37,20 @@ def _context(model: str = "vnet", num_classes: int = CLASSES) -> MethodContext:
                          patch_size=(P, P, P))
 
 
+# Most tests below exercise the bottleneck-token path with the paper's prior at every stage
+# (the plug-in's defaults before the decoder tokens; tests/plugins/test_scdl_defaults.py covers
+# the current defaults); the keys a test passes override these.
+BOTTLENECK = {"tokens": "bottleneck", "projector": "none", "injection": "all",
+              "temperature": 1.0, "token_source": "first"}
+
+
 def _build(name: str, seed: int = 0, host: dict | None = None, **scdl: object) -> SCDLMethod:
     torch.manual_seed(seed)
     model = "magicnet" if "magicnet" in name else "vnet"
     if model == "magicnet":
         host = {"cube_size": 16, **(host or {})}
-    method = build_method(name, _context(model), {"host": host or {}, "scdl": scdl})
+    options = scdl if scdl.get("preset") else {**BOTTLENECK, **scdl}
+    method = build_method(name, _context(model), {"host": host or {}, "scdl": options})
     assert isinstance(method, SCDLMethod)
     return method.train()
 
@@ -234,9 +242,12 @@ def test_scdl_ga_magicnet_token_sources_teacher_ema_and_training() -> None:
     records = injector.stop_recording()
     assert [(r.batch, r.grid) for r in records] == [(4, (2, 2, 2)), (4, (2, 2, 2)),
                                                      (2 * 8, (1, 1, 1))]
-    chosen = {rule: len(_build("scdl_ga_magicnet", token_source=rule)._selected(records, batch))
-              for rule in ("first", "full_patch", "all")}
-    assert chosen == {"first": 1, "full_patch": 2, "all": 3}
+    chosen = {}
+    for rule in ("first", "batch", "full_patch", "all"):
+        built = _build("scdl_ga_magicnet", token_source=rule)
+        chosen[rule] = len(built._selected(records, batch, built.proxy_networks()[0][1]))
+    # "batch": the first whole-crop decoding already covers the 4 crops.
+    assert chosen == {"first": 1, "batch": 1, "full_patch": 2, "all": 3}
 
     expected = e2p_loss(_tokens(student, cdba, batch.image), cdba.proxy_mean)
     before = cdba.proxy_mean.detach().clone()
@@ -303,8 +314,10 @@ def test_injection_modes_stage_cache_and_zero_init() -> None:
     assert list(cdba.projections.keys()) == ["0"]
     injector = CDBAInjector(cdba)
     feature = torch.rand(2, 64, 2, 2, 2)
-    with pytest.raises(RuntimeError, match="stage 2 before stage 0"):
-        injector(2, feature)
+    every_stage = CDBAInjector(_build("scdl_supervised").proxy_networks()[0][1])
+    with pytest.raises(RuntimeError, match="decoder stage 2 before the token stage"):
+        every_stage(2, torch.rand(2, 16, 8, 8, 8))
+    assert torch.equal(injector(2, feature), feature)  # not an injection stage: untouched
     assert not torch.equal(injector(0, feature), feature)
     later = torch.rand(2, 32, 4, 4, 4)
     assert torch.equal(injector(1, later), later)  # bottleneck mode: later stages untouched
@@ -359,7 +372,7 @@ def test_sac_pairs_and_the_token_region_rule_by_hand() -> None:
     assert method.sac_pairs(label) == [(0, 2), (0, 1)]
 
     image = torch.full((2, 1, P, P, P), 0.5)
-    cdba = CDBA(2, (2, 2, 2, 2, 2), 3, SCDLOptions())
+    cdba = CDBA(2, (2, 2, 2, 2, 2), 3, SCDLOptions(**BOTTLENECK))
     anchors, present = method.class_anchors(_PoolNet(), cdba, image, label, [(0, 1), (0, 2)])
     # "any" voxel: class 1 = tokens 0 (0.5, 1) and 1 (0.5 x 1/4, 1/4); class 2 = token 7.
     assert present.tolist() == [False, True, True]

@@ -83,14 +83,17 @@ def token_classes(label: Tensor, grid: Sequence[int], num_classes: int,
 @torch.no_grad()
 def collect_tokens(network: nn.Module, cdba: nn.Module, images: Tensor, labels: Tensor,
                    num_classes: int, rule: TokenClassRule = "any") -> tuple[Tensor, Tensor]:
-    """Embeddings ``[M, D]`` and classes ``[M]`` of the bottleneck tokens of ``images``.
+    """Embeddings ``[M, D]`` and classes ``[M]`` of the tokens of ``images``.
 
-    ``network.encode`` gives the bottleneck, ``cdba.embed`` the tokens (both as in training);
+    The token-stage feature (the bottleneck, or the pooled last decoder feature, as the run's
+    ``scdl.tokens`` says) and ``cdba.embed`` give the tokens, as SAC's passes take them;
     classes by :func:`token_classes`. Run the network in eval mode for a stable picture.
     """
-    bottleneck = network.encode(images)[-1]
-    z = cdba.embed(bottleneck).flatten(0, 1)
-    token, cls = token_classes(labels, bottleneck.shape[2:], num_classes, rule)
+    from semiseg.plugins.scdl.sac import token_stage_feature
+
+    feature = token_stage_feature(network, cdba, images)
+    z = cdba.embed(feature).flatten(0, 1)
+    token, cls = token_classes(labels, cdba.token_grid(feature.shape[2:]), num_classes, rule)
     return z[token].float().cpu(), cls.cpu()
 
 

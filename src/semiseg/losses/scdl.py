@@ -72,18 +72,24 @@ def soft_assignment(z: Tensor, mu: Tensor, temperature: float = 1.0) -> Tensor:
     return torch.softmax(cosine_to_proxies(z, mu) / temperature, dim=-1)
 
 
-def e2p_loss(z: Tensor, mu: Tensor, temperature: float = 1.0) -> Tensor:
+def e2p_loss(z: Tensor, mu: Tensor, temperature: float = 1.0,
+             reduction: str = "mean") -> Tensor:
     """SCDL paper Eq. 3, embedding-to-proxy alignment:
-    ``mean_{i,l} sum_c P(c | z_{i,l}) (1 - cos(z_{i,l}, mu_c))``.
+    ``sum_{i,l} sum_c P(c | z_{i,l}) (1 - cos(z_{i,l}, mu_c))``.
 
-    The paper writes a sum over the B x L tokens; the mean is the same up to the constant
-    B x L and keeps the loss weight independent of the batch and patch size. Gradients reach
-    both the embeddings and the proxies (through the cosine and through the assignment).
+    ``reduction="sum"`` is the paper's sum over the B x L tokens; ``"mean"`` divides it by
+    B x L, which keeps the loss weight independent of the batch and patch size. Gradients
+    reach both the embeddings and the proxies (through the cosine and through the assignment).
     """
     cos = cosine_to_proxies(z, mu)
     _check_temperature(temperature)
     assignment = torch.softmax(cos / temperature, dim=-1)
-    return (assignment * (1.0 - cos)).sum(-1).mean()
+    per_token = (assignment * (1.0 - cos)).sum(-1)
+    if reduction == "sum":
+        return per_token.sum()
+    if reduction != "mean":
+        raise DataError(f"SCDL: Eq. 3 reduction must be 'mean' or 'sum', got {reduction!r}")
+    return per_token.mean()
 
 
 def p2e_loss(z: Tensor, mu: Tensor, temperature: float = 1.0) -> Tensor:

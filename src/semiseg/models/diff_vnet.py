@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from semiseg.models.registry import register_model
 
 Inject = Callable[[int, Tensor], Tensor]
+HEAD_STAGE = 5  # as semiseg.models.vnet: the last decoder feature, before the head
 TIME_DIM = 128  # sinusoidal timestep embedding width (official embed_dim_in)
 TEMB_DIM = 4 * TIME_DIM  # width of the time MLP's output (official embed_dim_out)
 
@@ -183,8 +184,8 @@ class Encoder(nn.Module):
         x3 = self.block_three(self.block_two_dw(x2, temb), temb)
         x4 = self.block_four(self.block_three_dw(x3, temb), temb)
         x5 = self.block_five(self.block_four_dw(x4, temb), temb)
-        if self.has_dropout:
-            x5 = self.dropout(x5)
+        # Its Dropout3d (has_dropout) is applied by the decoders, after the injection seam
+        # (semiseg.models.vnet's docstring).
         return [x1, x2, x3, x4, x5]
 
 
@@ -220,11 +221,15 @@ class Decoder(nn.Module):
                   (self.block_seven_up, self.block_eight, x2),
                   (self.block_eight_up, self.block_nine, x1))
         x = inject(0, x5) if inject is not None else x5
+        if self.has_dropout:  # the encoder's bottleneck dropout (official place: x5)
+            x = self.dropout(x)
         for index, (up, block, skip) in enumerate(stages, start=1):
             x = up(x, temb) + skip
             if inject is not None:
                 x = inject(index, x)
             x = block(x, temb)
+        if inject is not None:
+            x = inject(HEAD_STAGE, x)
         if self.has_dropout:
             x = self.dropout(x)
         return self.out_conv(x)

@@ -17,9 +17,13 @@ Seam for plug-ins (``docs/architecture.md``):
   ``x5`` is the bottleneck whose voxels are SCDL's tokens).
 * :meth:`VNet.decode_features` runs the decoder; an optional ``inject(stage, x)`` callback
   may modify the feature entering each decoder stage (stage 0 = the bottleneck, 1..4 after
-  each up-sampling). A plug-in that must act on *every* decoding of a network, whoever calls
-  it (the host's forward, MagicNet's cube branches), attaches an injector module once with
-  :meth:`VNet.attach_injector`; it becomes part of the network's state dict (SCDL does this).
+  each up-sampling) and the last decoder feature before the head (stage :data:`HEAD_STAGE`
+  = 5). Both dropout layers of ``has_dropout`` act *after* the callback (the bottleneck's at
+  the start of the decoder, not at the end of the encoder), so a plug-in reads features before
+  dropout; without a callback the computation is the official one. A plug-in that must act
+  on *every* decoding of a network, whoever calls it (the host's forward, MagicNet's cube
+  branches), attaches an injector module once with :meth:`VNet.attach_injector`; it becomes
+  part of the network's state dict (SCDL does this).
 * :meth:`VNet.head` maps the last decoder feature to logits (TAK replaces it).
 """
 
@@ -32,6 +36,8 @@ from torch import Tensor, nn
 from semiseg.models.registry import register_model
 
 Inject = Callable[[int, Tensor], Tensor]
+# The injection stage of the last decoder feature (the head's input), after stages 0..4.
+HEAD_STAGE = 5
 
 
 def norm_layers(kind: str, channels: int) -> list[nn.Module]:
@@ -117,8 +123,9 @@ class VNetEncoder(nn.Module):
         x3 = self.block_three(self.block_two_dw(x2))
         x4 = self.block_four(self.block_three_dw(x3))
         x5 = self.block_five(self.block_four_dw(x4))
-        if self.has_dropout:
-            x5 = self.dropout(x5)
+        # The bottleneck's Dropout3d (has_dropout) is applied by the decoder, after the
+        # injection seam (see the module docstring); the module stays here for the state dict
+        # layout of the official encoder (it has no parameters).
         return [x1, x2, x3, x4, x5]
 
 
@@ -152,11 +159,15 @@ class VNetDecoder(nn.Module):
             (self.block_eight_up, self.block_nine, x1),
         )
         x = inject(0, x5) if inject is not None else x5
+        if self.has_dropout:  # the encoder's bottleneck dropout (official place: x5)
+            x = self.dropout(x)
         for index, (up, block, skip) in enumerate(stages, start=1):
             x = up(x) + skip
             if inject is not None:
                 x = inject(index, x)
             x = block(x)
+        if inject is not None:
+            x = inject(HEAD_STAGE, x)
         if self.has_dropout:
             x = self.dropout(x)
         return x

@@ -1,6 +1,13 @@
 """CDBA (SCDL paper 2.1): the learnable class proxies, the prior computed from them, and the
-decoder hook that adds the prior to every decoding of a network. The equations are in
-:mod:`semiseg.losses.scdl`."""
+decoder hook that reads the tokens of every decoding of a network and adds the prior to it.
+The equations are in :mod:`semiseg.losses.scdl`.
+
+Stages of the decoder seam (:mod:`semiseg.models.vnet`): 0 = the bottleneck, 1..4 = after each
+up-sampling, :data:`HEAD_STAGE` = the last decoder feature (the head's input). Tokens come from
+stage 0 (``tokens: bottleneck``) or from the head stage average-pooled by ``token_stride``
+(``tokens: decoder``); the prior goes to the stages ``injection`` names, at or after the token
+stage.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +26,11 @@ from semiseg.losses.scdl import (
     sample_proxies,
     token_sampling_prior,
 )
+from semiseg.models.vnet import HEAD_STAGE
 from semiseg.plugins.scdl.options import SCDLOptions
+
+INJECTION_STAGES: dict[str, tuple[int, ...]] = {
+    "none": (), "head": (HEAD_STAGE,), "bottleneck": (0,), "all": (0, 1, 2, 3, 4)}
 
 
 def _inverse_softplus(value: float) -> float:
@@ -47,7 +58,7 @@ class CDBA(nn.Module):
     * ``noise_scale`` ``[D]`` of the token sampling prior;
     * ``projector``: bottleneck channels -> D (identity by default);
     * ``projections``: one 1x1x1 convolution per injected decoder stage, prior -> that stage's
-      channels.
+      channels (the head stage has the last decoder stage's channels).
 
     Pure computation; the per-network state (prior cache, token records) is in
     :class:`CDBAInjector`, so that one CDBA can serve several networks.
@@ -58,8 +69,12 @@ class CDBA(nn.Module):
         super().__init__()
         self.options = options
         self.num_classes = num_classes
-        self.in_channels = in_channels
         self.stage_channels = tuple(int(c) for c in stage_channels)
+        # Decoder tokens have the channels of the head's input (the last decoder stage's).
+        self.token_stage = 0 if options.tokens == "bottleneck" else HEAD_STAGE
+        if options.tokens == "decoder":
+            in_channels = self.stage_channels[-1]
+        self.in_channels = in_channels
         if options.projector == "none":
             self.projector: nn.Module = nn.Identity()
             dim = in_channels
@@ -85,11 +100,11 @@ class CDBA(nn.Module):
         init = (_inverse_softplus(options.init_noise_scale) if options.noise_scale == "softplus"
                 else options.init_noise_scale)
         self.noise_scale = nn.Parameter(torch.full((dim,), float(init)))
-        self.prior_dim = (3 if options.prior == "paper" else 2) * dim
-        stages = range(len(self.stage_channels)) if options.injection == "all" else (0,)
+        self.prior_dim = {"paper": 3, "official": 2, "official_token": 1}[options.prior] * dim
+        self.injection_stages = INJECTION_STAGES[options.injection]
         self.projections = nn.ModuleDict({
-            str(s): nn.Conv3d(self.prior_dim, self.stage_channels[s], 1, bias=options.prior_bias)
-            for s in stages
+            str(s): nn.Conv3d(self.prior_dim, self.channels_of(s), 1, bias=options.prior_bias)
+            for s in self.injection_stages
         })
         if options.zero_init_projection:
             for conv in self.projections.values():
@@ -97,15 +112,29 @@ class CDBA(nn.Module):
                 if conv.bias is not None:
                     nn.init.zeros_(conv.bias)
 
+    def channels_of(self, stage: int) -> int:
+        """Channels of the feature at decoder ``stage`` (the head stage: the last stage's)."""
+        return self.stage_channels[min(stage, len(self.stage_channels) - 1)]
+
+    def token_grid(self, spatial: Iterable[int]) -> tuple[int, ...]:
+        """The token grid of a feature of ``spatial`` size at the token stage."""
+        if self.options.tokens == "bottleneck":
+            return tuple(int(s) for s in spatial)
+        return tuple(max(1, int(s) // self.options.token_stride) for s in spatial)
+
     @property
     def proxy_sigma(self) -> Tensor:
         """``sigma_c = softplus(rho_c)``: per-dimension standard deviations, always positive."""
         return F.softplus(self.proxy_rho)
 
-    def embed(self, bottleneck: Tensor) -> Tensor:
-        """Tokens of a bottleneck ``[B, Cx, gx, gy, gz]`` -> ``[B, L, D]`` (float32)."""
-        tokens = bottleneck.float().flatten(2).transpose(1, 2)
-        return self.projector(tokens)
+    def embed(self, feature: Tensor) -> Tensor:
+        """Tokens of the token-stage feature ``[B, Cx, X, Y, Z]`` -> ``[B, L, D]`` (float32):
+        the bottleneck's voxels, or the decoder feature average-pooled onto the token grid."""
+        feature = feature.float()
+        grid = self.token_grid(feature.shape[2:])
+        if grid != tuple(feature.shape[2:]):
+            feature = F.adaptive_avg_pool3d(feature, grid)
+        return self.projector(feature.flatten(2).transpose(1, 2))
 
     def prior(self, z: Tensor) -> Tensor:
         """The prior of every token, ``[B, L, D] -> [B, L, prior_dim]``.
@@ -122,8 +151,11 @@ class CDBA(nn.Module):
                                          positive=opts.noise_scale == "softplus")
         else:
             z_sam = F.normalize(z, dim=-1, eps=1e-8)  # noise-free samples, all equal
+        if opts.prior == "official_token":
+            return official_prior_token(z, mu, opts.p2e_temperature or opts.temperature)
         if opts.prior == "official":
-            return torch.cat([official_prior_token(z, mu, opts.temperature), z_sam], dim=-1)
+            token = official_prior_token(z, mu, opts.p2e_temperature or opts.temperature)
+            return torch.cat([token, z_sam], dim=-1)
         samples = (sample_proxies(mu, self.proxy_sigma, opts.proxy_samples) if stochastic
                    else mu[:, None, :])
         return torch.cat([distribution_prior(z, mu, samples), center_prior(z, mu), z_sam], -1)
@@ -147,19 +179,22 @@ class CDBA(nn.Module):
 class CDBAInjector(nn.Module):
     """The decoder hook of one network (:meth:`semiseg.models.vnet.VNet.attach_injector`).
 
-    Stage 0 embeds the bottleneck, computes the prior (cached for stages 1.. of the same
-    decoding) and, while recording and gradients are on, records the tokens for the losses.
-    Every stage adds the projected, resized prior (``injection: all``) or only stage 0 does
-    (``bottleneck``).
+    At the token stage it embeds the feature, computes the prior (cached for the later stages
+    of the same decoding) and, while recording and gradients are on, records the tokens for
+    the losses. Every injection stage adds the projected, resized prior. While ``measuring``
+    it keeps what the diagnostics read: the prior's norm relative to the feature it is added
+    to, and the prior itself.
     """
 
     def __init__(self, cdba: CDBA) -> None:
         super().__init__()
         self.cdba = cdba
-        self.num_stages = len(cdba.stage_channels)
+        self._last_stage = max((*cdba.injection_stages, cdba.token_stage))
         self._prior_map: Tensor | None = None
         self._recording = False
         self._records: list[TokenRecord] = []
+        self.measuring = False
+        self.measured: dict[str, Tensor] = {}
 
     def start_recording(self) -> None:
         self._records = []
@@ -171,24 +206,47 @@ class CDBAInjector(nn.Module):
         return records
 
     def forward(self, stage: int, x: Tensor) -> Tensor:
+        cdba = self.cdba
+        if stage < cdba.token_stage or (stage > cdba.token_stage
+                                        and stage not in cdba.injection_stages):
+            return x
         with torch.autocast(x.device.type, enabled=False):
-            if stage == 0:
-                z = self.cdba.embed(x)
+            if stage == cdba.token_stage:
+                z = cdba.embed(x)
+                grid = cdba.token_grid(x.shape[2:])
                 if self._recording and torch.is_grad_enabled():
-                    self._records.append(TokenRecord(z, tuple(x.shape[2:])))
-                prior = self.cdba.prior(z)
-                self._prior_map = prior.transpose(1, 2).reshape(
-                    x.size(0), prior.size(-1), *x.shape[2:])
+                    self._records.append(TokenRecord(z, grid))
+                prior = cdba.prior(z)
+                self._prior_map = prior.transpose(1, 2).reshape(x.size(0), prior.size(-1), *grid)
+                if self.measuring and "prior" not in self.measured:
+                    self.measured["prior"] = prior.detach()
             prior_map = self._prior_map
             if prior_map is None:
-                raise RuntimeError(f"SCDL injector: decoder stage {stage} before stage 0")
+                raise RuntimeError(f"SCDL injector: decoder stage {stage} before the token stage")
             if prior_map.size(0) != x.size(0):
                 raise RuntimeError(f"SCDL injector: stage {stage} has {x.size(0)} samples, the "
-                                   f"bottleneck had {prior_map.size(0)}")
-            if stage >= self.num_stages - 1:
+                                   f"token stage had {prior_map.size(0)}")
+            if stage >= self._last_stage:
                 self._prior_map = None  # the decoding is over; free the graph it holds
-            addition = self.cdba.project(stage, prior_map, x.shape[2:])
+            addition = cdba.project(stage, prior_map, x.shape[2:])
+            if addition is not None and self.measuring and "prior_share" not in self.measured:
+                self.measured["prior_share"] = (addition.detach().norm()
+                                                / x.detach().float().norm().clamp_min(1e-12))
         if addition is None:
             return x
         return x + addition.to(x.dtype)
 
+
+class FeatureCapture(nn.Module):
+    """A stand-in injector that keeps the feature of one stage and changes nothing (SAC's
+    masked passes read decoder tokens through it)."""
+
+    def __init__(self, stage: int) -> None:
+        super().__init__()
+        self.stage = stage
+        self.feature: Tensor | None = None
+
+    def forward(self, stage: int, x: Tensor) -> Tensor:
+        if stage == self.stage:
+            self.feature = x
+        return x

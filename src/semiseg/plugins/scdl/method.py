@@ -6,9 +6,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -23,34 +22,24 @@ from semiseg.losses.scdl import (
     p2e_loss,
     sac_loss,
     sample_proxies,
-    semantic_anchors,
     symmetric_kl,
     token_class_proportions,
-    token_fractions,
 )
 from semiseg.methods.base import Batch, Method, MethodContext, MethodNetworks, StepInfo
 from semiseg.methods.registry import MethodClass, register_plugin
 from semiseg.models.magic_cube import ENCODER_STRIDE
 from semiseg.plugins.scdl.cdba import CDBA, CDBAInjector, TokenRecord
+from semiseg.plugins.scdl.diagnostics import (
+    assignment_stats,
+    class_variance_ratio,
+    gradient_ratio,
+    nearest_agreement,
+    relative_change,
+)
 from semiseg.plugins.scdl.options import SCDLOptions, parse_options
+from semiseg.plugins.scdl.sac import class_anchors, sac_pairs
 
 TERM_PREFIX = "scdl_"
-
-
-@contextlib.contextmanager
-def _buffers_restored(module: nn.Module) -> Iterator[None]:
-    """Run a pass whose buffer updates (batch-norm running statistics) must not stick.
-
-    The values are written back through ``.data``: the host's forward passes of this step saved
-    the running statistics for their backward, and batch norm's own in-place update does not
-    bump their autograd version, so a tracked ``copy_`` would make that backward fail.
-    """
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
-    try:
-        yield
-    finally:
-        for buffer, value in saved:
-            buffer.data.copy_(value)
 
 
 def _zero(reference: Tensor) -> Tensor:
@@ -75,6 +64,8 @@ class SCDLMethod(Method):
         # registering them again would duplicate them in the state dict.
         self._students: list[tuple[nn.Module, CDBAInjector]] = []
         self._teachers: list[tuple[nn.Module, CDBAInjector]] = []
+        self._diagnostics: dict[str, float] = {}
+        self._previous_proxies: tuple[Tensor, Tensor] | None = None
         if options.cdba:
             self._attach()
 
@@ -138,12 +129,15 @@ class SCDLMethod(Method):
         """The host's terms plus the SCDL terms of the same step."""
         if not self._students:
             return self.host.training_step(batch, step)
+        first_injector = self._students[0][1]
+        first_injector.measuring, first_injector.measured = step.log, {}
         for _, injector in self._students:
             injector.start_recording()
         try:
             terms = dict(self.host.training_step(batch, step))
         finally:
             records = [injector.stop_recording() for _, injector in self._students]
+            first_injector.measuring = False
         clash = sorted(k for k in terms if k.startswith(TERM_PREFIX))
         if clash:
             raise ConfigError(f"method {self.name!r}: host terms {clash} collide with SCDL's")
@@ -153,15 +147,27 @@ class SCDLMethod(Method):
             terms.update(self._alignment_terms(records, batch))
         if self.options.sac and self.options.sac_weight > 0:
             terms[TERM_PREFIX + "sac"] = self._sac_term(batch)
+        if step.log:
+            self._diagnostics = self._measure(records[0], batch, terms, step)
         return terms
 
-    def _selected(self, records: list[TokenRecord], batch: Batch) -> list[TokenRecord]:
+    def _selected(self, records: list[TokenRecord], batch: Batch,
+                  cdba: CDBA) -> list[TokenRecord]:
         rule = self.options.token_source
         if rule == "first":
             return records[:1]
+        grid = crop_token_grid(cdba, batch.image.shape[2:])
+        whole = [r for r in records if r.grid == grid]
         if rule == "full_patch":
-            grid = _token_grid(batch.image.shape[2:])
-            return [r for r in records if r.grid == grid]
+            return whole
+        if rule == "batch":  # whole-crop decodings until the batch is covered once
+            chosen, covered = [], 0
+            for record in whole:
+                if covered >= batch.image.size(0):
+                    break
+                chosen.append(record)
+                covered += record.batch
+            return chosen
         return records
 
     def _alignment_terms(self, records: list[list[TokenRecord]],
@@ -171,12 +177,12 @@ class SCDLMethod(Method):
         totals: dict[str, Tensor] = {}
         for (_, injector), network_records in zip(self._students, records):
             mu = injector.cdba.proxy_mean
-            chosen = self._selected(network_records, batch)
+            chosen = self._selected(network_records, batch, injector.cdba)
             if not chosen:
                 values = {name: _zero(mu) for name in names}
             elif opts.loss == "paper":
                 z = torch.cat([r.z.reshape(1, -1, r.z.size(-1)) for r in chosen], dim=1)
-                values = {"e2p": e2p_loss(z, mu, opts.temperature),
+                values = {"e2p": e2p_loss(z, mu, opts.temperature, opts.e2p_reduction),
                           "p2e": p2e_loss(z, mu, opts.temperature)}
             else:
                 values = self._official_terms(injector.cdba, chosen,
@@ -194,7 +200,7 @@ class SCDLMethod(Method):
         tau_p2e = opts.p2e_temperature or opts.temperature
         tokens, weights = [], []
         kl = _zero(mu)
-        full_grid = _token_grid(batch.image.shape[2:])
+        full_grid = crop_token_grid(cdba, batch.image.shape[2:])
         for index, record in enumerate(chosen):
             p_e2p, p_p2e, both = official_assignments(record.z, mu, opts.temperature, tau_p2e)
             kl = kl + symmetric_kl(p_e2p, p_p2e)
@@ -211,53 +217,53 @@ class SCDLMethod(Method):
                                         opts.official_dist_weight)
         return {"proxy": proxy, "kl": kl}
 
+    def _measure(self, records: list[TokenRecord], batch: Batch, terms: dict[str, Tensor],
+                 step: StepInfo) -> dict[str, float]:
+        """The diagnostics of this step for the first network (see :meth:`diagnostics`)."""
+        network, injector = self._students[0]
+        cdba = injector.cdba
+        opts = self.options
+        out: dict[str, float] = {}
+        chosen = self._selected(records, batch, cdba)
+        with torch.no_grad():
+            mu = cdba.proxy_mean.detach()
+            if chosen:
+                z = torch.cat([r.z.detach().reshape(1, -1, r.z.size(-1)) for r in chosen], 1)
+                out.update(assignment_stats(z, mu, opts.temperature))
+            n_lab = batch.num_labeled
+            whole = [r for r in chosen if r.batch == batch.image.size(0)]
+            if whole and n_lab:
+                grid = whole[0].grid
+                majority = token_class_proportions(batch.label, grid,
+                                                   cdba.num_classes).argmax(-1)  # [n_lab, L]
+                out.update(nearest_agreement(whole[0].z.detach()[:n_lab], mu, majority))
+                prior = injector.measured.get("prior")
+                if prior is not None and prior.size(0) >= n_lab \
+                        and prior.size(1) == majority.size(1):
+                    out["prior_class_ratio"] = class_variance_ratio(
+                        prior[:n_lab].reshape(-1, prior.size(-1)), majority.reshape(-1))
+            if "prior_share" in injector.measured:
+                out["prior_share"] = float(injector.measured["prior_share"])
+            sigma = cdba.proxy_sigma.detach()
+            if self._previous_proxies is not None:
+                out["mu_change"] = relative_change(mu, self._previous_proxies[0])
+                out["sigma_change"] = relative_change(sigma, self._previous_proxies[1])
+            self._previous_proxies = (mu.clone(), sigma.clone())
+        encoder = getattr(network, "encoder", None)
+        if isinstance(encoder, nn.Module) and torch.is_grad_enabled():
+            out["encoder_grad_ratio"] = gradient_ratio(terms, self.loss_weights(step),
+                                                       TERM_PREFIX, encoder.parameters())
+        return {f"scdl/{name}": value for name, value in out.items()}
+
     # -- SAC ---------------------------------------------------------------------------------
     def sac_pairs(self, label: Tensor) -> list[tuple[int, int]]:
-        """(labeled crop, class) pairs of one step's masked passes.
+        """:func:`~semiseg.plugins.scdl.sac.sac_pairs` with this method's options."""
+        return sac_pairs(label, self.context.num_classes, self.options)
 
-        Classes present in the labeled crops (background only with
-        ``sac_include_background``), rarest first by voxel count in the batch (ties: lower
-        id), capped at ``sac_max_classes``; each class paired with every crop holding it.
-        """
-        num_classes = self.context.num_classes
-        flat = label.reshape(label.size(0), -1).long()
-        per_crop = torch.stack([torch.bincount(row, minlength=num_classes) for row in flat])
-        counts = per_crop.sum(0).tolist()
-        first = 0 if self.options.sac_include_background else 1
-        classes = sorted((c for c in range(first, num_classes) if counts[c] > 0),
-                         key=lambda c: (counts[c], c))
-        if self.options.sac_max_classes:
-            classes = classes[: self.options.sac_max_classes]
-        return [(i, c) for c in classes for i in range(label.size(0)) if per_crop[i, c] > 0]
-
-    @torch.no_grad()
     def class_anchors(self, network: nn.Module, cdba: CDBA, image: Tensor, label: Tensor,
                       pairs: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
-        """Eq. 8 anchors from masked crops through ``network``'s encoder (no gradients).
-
-        Each pair ``(i, c)``: crop ``i`` with every voxel not labelled ``c`` set to
-        ``sac_fill_value``; its bottleneck tokens whose cell's c-fraction exceeds
-        ``sac_min_fraction`` are class-c embeddings. Returns ``(anchors [C, D], present [C])``.
-        """
-        opts = self.options
-        embeddings, classes = [], []
-        with _buffers_restored(network):
-            for start in range(0, len(pairs), opts.sac_max_batch):
-                chunk = pairs[start: start + opts.sac_max_batch]
-                rows = torch.tensor([i for i, _ in chunk], device=label.device)
-                cls = torch.tensor([c for _, c in chunk], device=label.device)
-                masks = label[rows] == cls.view(-1, 1, 1, 1)
-                fill = torch.full((), opts.sac_fill_value, dtype=image.dtype, device=image.device)
-                masked = torch.where(masks[:, None], image[rows], fill)
-                bottleneck = network.encode(masked)[-1]
-                with torch.autocast(image.device.type, enabled=False):
-                    z = cdba.embed(bottleneck)  # [P, L, D]
-                fraction = token_fractions(masks, bottleneck.shape[2:])  # [P, L]
-                keep = fraction > opts.sac_min_fraction
-                embeddings.append(z[keep])
-                classes.append(cls[:, None].expand_as(keep)[keep])
-        return semantic_anchors(torch.cat(embeddings), torch.cat(classes), cdba.num_classes,
-                                normalize=opts.sac_normalize_tokens)
+        """:func:`~semiseg.plugins.scdl.sac.class_anchors` with this method's options."""
+        return class_anchors(network, cdba, image, label, pairs, self.options)
 
     def _sac_term(self, batch: Batch) -> Tensor:
         total = _zero(self._students[0][1].cdba.proxy_mean)
@@ -291,6 +297,24 @@ class SCDLMethod(Method):
         """The host's (EMA teachers average the SCDL modules with the rest of the network)."""
         self.host.after_step(step)
 
+    def diagnostics(self) -> dict[str, float]:
+        """The host's diagnostics and SCDL's, measured at the last logged step (first network):
+
+        * ``scdl/assign_max_mean``, ``scdl/assign_max_max``: mean and largest over the tokens
+          of ``max_c P(c|z)`` (Eq. 2; uniform is 1/C);
+        * ``scdl/nearest_agreement`` (and ``_fg``, foreground tokens only): how often a
+          labelled crop's token's nearest proxy is the class holding most of its cell;
+        * ``scdl/prior_share``: norm of the added prior over the norm of the feature it is
+          added to (first injection stage of the first decoding);
+        * ``scdl/prior_class_ratio``: the prior's variance between the labelled tokens' classes
+          over its variance within them (how much class information it carries);
+        * ``scdl/mu_change``, ``scdl/sigma_change``: relative change of the proxy means and
+          standard deviations since the previous logged step;
+        * ``scdl/encoder_grad_ratio``: norm of the SCDL terms' gradient on the encoder over the
+          host terms' (method weights, without ``train.loss_weights`` scales).
+        """
+        return {**self.host.diagnostics(), **self._diagnostics}
+
     def observe_labeled_labels(self, labels: Iterable[np.ndarray]) -> None:
         """The host's (e.g. DHC's initial DistDW histogram)."""
         self.host.observe_labeled_labels(labels)
@@ -319,8 +343,11 @@ class SCDLMethod(Method):
         return self.host.frozen_modules()
 
 
-def _token_grid(spatial: Iterable[int]) -> tuple[int, ...]:
-    return tuple(int(s) // ENCODER_STRIDE for s in spatial)
+def crop_token_grid(cdba: CDBA, spatial: Iterable[int]) -> tuple[int, ...]:
+    """The token grid of a whole crop of ``spatial`` size (bottleneck: 1/16 per axis)."""
+    if cdba.options.tokens == "bottleneck":
+        return tuple(int(s) // ENCODER_STRIDE for s in spatial)
+    return cdba.token_grid(spatial)
 
 
 def _has_seam(network: nn.Module) -> bool:

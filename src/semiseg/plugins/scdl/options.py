@@ -15,16 +15,24 @@ from semiseg.methods.registry import MethodClass
 
 @dataclass
 class SCDLOptions:
-    """``method.options.scdl``. Paper defaults; the official code's values in comments."""
+    """``method.options.scdl``. semiseg's defaults (docs/methods/scdl.md says which measurement
+    chose each); ``preset: paper`` is the paper's literal form, ``preset: official_*`` the
+    official code's per-host settings (:data:`PRESETS`); explicit keys override a preset."""
 
+    preset: str = ""  # "", "paper", or one of the official presets (PRESETS)
     # -- components (SCDL Table 4) -------------------------------------------------------
     cdba: bool = True  # proxies, alignment losses and prior injection
     sac: bool = True  # semantic anchor constraint (needs cdba)
-    # -- embedding space -----------------------------------------------------------------
-    # Token projector before the proxy space: "none" (paper: the bottleneck features are the
-    # embeddings, D = 16 n_filters), "linear" (one 1x1 linear map to embedding_dim), "mlp"
-    # (official: Linear(x, 2z) ReLU Dropout Linear(2z, 2z) ReLU Dropout Linear(2z, z)).
-    projector: Literal["none", "linear", "mlp"] = "none"
+    # -- tokens ----------------------------------------------------------------------------
+    # Where the tokens come from: "decoder" = the last decoder feature (the head's input),
+    # average-pooled by token_stride (official: 96^3 -> 12^3, 16-d tokens); "bottleneck" = the
+    # encoder's bottleneck voxels (the paper's reading; 2^3 tokens of a 32^3 crop).
+    tokens: Literal["decoder", "bottleneck"] = "decoder"
+    token_stride: int = 8  # decoder tokens: one per token_stride^3 cell of the crop
+    # Token projector before the proxy space: "none" (the features are the embeddings),
+    # "linear" (one linear map to embedding_dim), "mlp" (official: Linear(x, 2z) ReLU Dropout
+    # Linear(2z, 2z) ReLU Dropout Linear(2z, z)).
+    projector: Literal["none", "linear", "mlp"] = "mlp"
     embedding_dim: int = 256  # z of the linear / mlp projector (official 256)
     mlp_dropout: float = 0.2
     # -- proxies and priors --------------------------------------------------------------
@@ -35,16 +43,30 @@ class SCDLOptions:
     token_samples: int = 2  # token perturbations per token (official 2)
     init_noise_scale: float = 0.05  # initial token noise scale (official 0.05)
     noise_scale: Literal["softplus", "raw"] = "softplus"  # official "raw" (may turn negative)
-    temperature: float = 1.0  # Eq. 2 (paper 1; official 0.2)
+    # Eq. 2 (E2P/P2E assignment; official prior token). The paper writes none (1); with 9 or
+    # more classes P(c|z) can then never exceed 0.5 and Eq. 4 pushes every proxy away from
+    # every token (docs/methods/scdl.md): the official code's 0.2 is the default.
+    temperature: float = 0.2
     p2e_temperature: float | None = None  # official variant's tau_p2e; None = temperature
-    prior: Literal["paper", "official"] = "paper"  # Eq. 7 / official prior token + samples
-    injection: Literal["all", "bottleneck"] = "all"  # paper: every decoder stage
+    # Eq. 7 ("paper": r_dist, r_center, z_sam), "official" (official prior token + z_sam, the
+    # AMOS host's 2D channels) or "official_token" (the token alone, the Synapse head's D).
+    prior: Literal["paper", "official", "official_token"] = "paper"
+    # Decoder stages receiving the prior: "none" (SCDL acts through its losses only, as the
+    # official CPS test networks), "head" (the head's input, official Synapse MagicNet),
+    # "bottleneck" (official AMOS MagicNet in training), "all" (paper: every decoder stage).
+    # Decoder tokens reach the head only ("none" or "head").
+    injection: Literal["none", "head", "bottleneck", "all"] = "head"
     prior_bias: bool = False  # bias of the 1x1x1 prior projections (official: none)
     zero_init_projection: bool = False  # start as the exact host (prior projections = 0)
     stochastic_eval: bool = False  # sample proxies and token noise in eval mode too
     # -- losses --------------------------------------------------------------------------
     loss: Literal["paper", "official"] = "paper"  # Eq. 3 + Eq. 4 / official proxy loss + KL
-    token_source: Literal["first", "full_patch", "all"] = "first"
+    e2p_reduction: Literal["mean", "sum"] = "mean"  # Eq. 3 over tokens (paper: sum)
+    # Which decodings give tokens: "batch" = the first decodings of whole crops that together
+    # cover the step's batch once (labelled and unlabelled crops on every host), "first" = the
+    # first decoding with gradients, "full_patch" = every decoding of whole crops, "all" =
+    # every decoding with gradients.
+    token_source: Literal["batch", "first", "full_patch", "all"] = "batch"
     e2p_weight: float = 0.1
     p2e_weight: float = 0.1
     sac_weight: float = 0.1
@@ -65,6 +87,46 @@ class SCDLOptions:
     # -- networks and optimiser ----------------------------------------------------------
     share_proxies: bool = False  # one CDBA module for all student networks (CPS)
     weight_decay: float = 1e-4  # of the SCDL parameters (paper 3.1)
+
+
+# Named settings (applied first; explicit keys override them).
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper read literally: bottleneck tokens as embeddings, no temperature, Eq. 3 as a
+    # sum over tokens, Eq. 5-7 prior added at every decoder stage, the first decoding's tokens.
+    "paper": {"tokens": "bottleneck", "projector": "none", "temperature": 1.0,
+              "e2p_reduction": "sum", "prior": "paper", "injection": "all",
+              "token_source": "first"},
+    # The official inference networks (Zyh55555/SCDL): Synapse MagicNet adds the official
+    # prior token of 12^3 pooled decoder tokens (MLP 16 -> 512 -> 512 -> 256) at the head.
+    "official_synapse_magicnet": {
+        "tokens": "decoder", "token_stride": 8, "projector": "mlp", "embedding_dim": 256,
+        "temperature": 0.2, "p2e_temperature": 0.2, "prior": "official_token",
+        "injection": "head", "loss": "official", "noise_scale": "raw",
+        "sac_normalize_tokens": True},
+    # AMOS MagicNet trains with the prior token and the token samples (512 channels) added at
+    # the bottleneck and tests without it; the CPS hosts test plain VNets.
+    "official_amos_magicnet": {
+        "tokens": "bottleneck", "projector": "mlp", "embedding_dim": 256, "temperature": 0.2,
+        "p2e_temperature": 0.2, "prior": "official", "injection": "bottleneck",
+        "loss": "official", "noise_scale": "raw", "sac_normalize_tokens": True},
+    "official_cps": {
+        "tokens": "decoder", "token_stride": 8, "projector": "mlp", "embedding_dim": 256,
+        "temperature": 0.2, "p2e_temperature": 0.2, "prior": "official_token",
+        "injection": "none", "loss": "official", "noise_scale": "raw",
+        "sac_normalize_tokens": True},
+}
+
+
+def apply_preset(options: Mapping[str, Any], where: str = "method.options.scdl"
+                 ) -> dict[str, Any]:
+    """``options`` with its ``preset`` expanded underneath (explicit keys win)."""
+    name = options.get("preset") or ""
+    if not name:
+        return dict(options)
+    if name not in PRESETS:
+        raise ConfigError(f"{where}.preset: {name!r} is not one of "
+                          f"{', '.join(sorted(PRESETS))}")
+    return {**PRESETS[name], **options}
 
 
 def check_options(options: SCDLOptions, where: str = "method.options.scdl") -> None:
@@ -99,6 +161,12 @@ def check_options(options: SCDLOptions, where: str = "method.options.scdl") -> N
     if options.noise_scale == "softplus" and not options.init_noise_scale > 0:
         raise ConfigError(f"{where}.init_noise_scale: must be positive with a softplus noise "
                           f"scale, got {options.init_noise_scale}")
+    if options.token_stride < 1:
+        raise ConfigError(f"{where}.token_stride: must be at least 1, got {options.token_stride}")
+    if options.tokens == "decoder" and options.injection not in ("none", "head"):
+        raise ConfigError(f"{where}.injection: decoder tokens come from the head's input, so "
+                          f"their prior can only go to the head (none or head), got "
+                          f"{options.injection!r}")
     if options.sac and not options.cdba:
         raise ConfigError(f"{where}: sac needs cdba (SAC anchors the CDBA proxies); set "
                           "sac: false as well, or use the plain host method")
@@ -127,6 +195,6 @@ def parse_options(host_cls: MethodClass, options: dict[str, Any], method: str
     """``method.options`` of ``method`` (``scdl_<host>``) -> (the host's parsed options, the
     checked :class:`SCDLOptions`); every error names its key."""
     host_options, scdl_options = split_options(options, method)
-    parsed = validate_options(SCDLOptions, scdl_options, "method.options.scdl")
+    parsed = validate_options(SCDLOptions, apply_preset(scdl_options), "method.options.scdl")
     check_options(parsed)
     return validate_options(host_cls.Options, host_options, "method.options.host"), parsed
