@@ -363,10 +363,17 @@ def test_sac_pairs_and_the_token_region_rule_by_hand() -> None:
     label[0, :16, :16, :16] = 1  # token 0 (cell (0, 0, 0)) entirely class 1
     label[0, :16, :16, 16:20] = 1  # a quarter of token 1 (cell (0, 0, 1))
     label[0, 31, 31, 31] = 2  # one voxel of token 7
+    method.options.sac_class_order = "rarest"
+    method.options.sac_max_classes = 0
     # Rarest first (class 2: 1 voxel, class 1: 5120, background), every crop holding a class.
     assert method.sac_pairs(label) == [(0, 2), (0, 1), (0, 0), (1, 0)]
     method.options.sac_max_classes = 2
     assert method.sac_pairs(label) == [(0, 2), (0, 1)]
+    # Rotation: windows of 2 of the present classes (0, 1, 2) in id order, one further per step.
+    method.options.sac_class_order = "rotate"
+    assert [method.sac_pairs(label, it) for it in range(3)] == [
+        [(0, 0), (1, 0), (0, 1)], [(0, 2), (0, 0), (1, 0)], [(0, 1), (0, 2)]]
+    method.options.sac_class_order = "rarest"
     method.options.sac_max_classes = 0
     method.options.sac_include_background = False
     assert method.sac_pairs(label) == [(0, 2), (0, 1)]

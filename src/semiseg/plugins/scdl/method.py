@@ -146,7 +146,7 @@ class SCDLMethod(Method):
         with torch.autocast(batch.image.device.type, enabled=False):
             terms.update(self._alignment_terms(records, batch))
         if self.options.sac and self.options.sac_weight > 0:
-            terms[TERM_PREFIX + "sac"] = self._sac_term(batch)
+            terms[TERM_PREFIX + "sac"] = self._sac_term(batch, step.iteration)
         if step.log:
             self._diagnostics = self._measure(records[0], batch, terms, step)
         return terms
@@ -256,21 +256,21 @@ class SCDLMethod(Method):
         return {f"scdl/{name}": value for name, value in out.items()}
 
     # -- SAC ---------------------------------------------------------------------------------
-    def sac_pairs(self, label: Tensor) -> list[tuple[int, int]]:
+    def sac_pairs(self, label: Tensor, iteration: int = 0) -> list[tuple[int, int]]:
         """:func:`~semiseg.plugins.scdl.sac.sac_pairs` with this method's options."""
-        return sac_pairs(label, self.context.num_classes, self.options)
+        return sac_pairs(label, self.context.num_classes, self.options, iteration)
 
     def class_anchors(self, network: nn.Module, cdba: CDBA, image: Tensor, label: Tensor,
                       pairs: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
         """:func:`~semiseg.plugins.scdl.sac.class_anchors` with this method's options."""
         return class_anchors(network, cdba, image, label, pairs, self.options)
 
-    def _sac_term(self, batch: Batch) -> Tensor:
+    def _sac_term(self, batch: Batch, iteration: int) -> Tensor:
         total = _zero(self._students[0][1].cdba.proxy_mean)
         if batch.num_labeled == 0:
             return total
         image, label = batch.labeled_image, batch.label
-        pairs = self.sac_pairs(label)
+        pairs = self.sac_pairs(label, iteration)
         if not pairs:
             return total
         for network, injector in self._students:

@@ -81,7 +81,13 @@ class SCDLOptions:
     sac_min_fraction: float = 0.0  # token in class c if its cell's c-fraction is above this
     sac_fill_value: float = 0.0  # background value of masked crops (0 after intensity)
     sac_include_background: bool = True  # anchor the background proxy too
-    sac_max_classes: int = 0  # at most this many classes per step, rarest first; 0 = all
+    # At most this many classes get masked passes per step (0 = all), chosen by
+    # sac_class_order: "rotate" = the classes present in the labelled crops, in id order,
+    # starting one window further each step, so every class is anchored every few steps;
+    # "rarest" = the rarest in the batch first. With decoder tokens a masked pass is a whole
+    # forward pass: all 14 classes made SCDL-GA-CPS 3.6x as slow as GA-CPS, 4 per step 2.0x.
+    sac_max_classes: int = 4
+    sac_class_order: Literal["rotate", "rarest"] = "rotate"
     sac_max_batch: int = 4  # masked crops per encoder call
     sac_normalize_tokens: bool = False  # official: average L2-normalised embeddings
     # -- networks and optimiser ----------------------------------------------------------

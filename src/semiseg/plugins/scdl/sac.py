@@ -52,21 +52,29 @@ def token_stage_feature(network: nn.Module, cdba: CDBA, image: Tensor) -> Tensor
     return capture.feature
 
 
-def sac_pairs(label: Tensor, num_classes: int, options: SCDLOptions) -> list[tuple[int, int]]:
+def sac_pairs(label: Tensor, num_classes: int, options: SCDLOptions,
+              iteration: int = 0) -> list[tuple[int, int]]:
     """(labeled crop, class) pairs of one step's masked passes.
 
-    Classes present in the labeled crops (background only with
-    ``sac_include_background``), rarest first by voxel count in the batch (ties: lower
-    id), capped at ``sac_max_classes``; each class paired with every crop holding it.
+    The classes present in the labeled crops (background only with
+    ``sac_include_background``); with a cap ``sac_max_classes = k``, ``sac_class_order``
+    ``rarest`` keeps the k rarest by voxel count in the batch (ties: lower id) and ``rotate``
+    the window of k classes (in id order, cyclically) that starts at ``iteration x k``. Each
+    class is paired with every crop holding it; the pairs come class by class in that order.
     """
     flat = label.reshape(label.size(0), -1).long()
     per_crop = torch.stack([torch.bincount(row, minlength=num_classes) for row in flat])
     counts = per_crop.sum(0).tolist()
     first = 0 if options.sac_include_background else 1
-    classes = sorted((c for c in range(first, num_classes) if counts[c] > 0),
-                     key=lambda c: (counts[c], c))
-    if options.sac_max_classes:
-        classes = classes[: options.sac_max_classes]
+    present = [c for c in range(first, num_classes) if counts[c] > 0]
+    cap = options.sac_max_classes
+    if options.sac_class_order == "rarest":
+        classes = sorted(present, key=lambda c: (counts[c], c))[: cap or None]
+    elif cap and cap < len(present):
+        start = (iteration * cap) % len(present)
+        classes = [present[(start + j) % len(present)] for j in range(cap)]
+    else:
+        classes = present
     return [(i, c) for c in classes for i in range(label.size(0)) if per_crop[i, c] > 0]
 
 
