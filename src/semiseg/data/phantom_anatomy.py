@@ -83,15 +83,21 @@ ANATOMY_ORGANS = (
 class Anatomy:
     """Draws one case onto a canvas; ``labels`` maps organ names to the class set's ids."""
 
-    def __init__(self, canvas: Canvas, rng: np.random.Generator, labels: dict[str, int]) -> None:
+    def __init__(self, canvas: Canvas, rng: np.random.Generator, labels: dict[str, int],
+                 variability: float = 1.0) -> None:
         self.c = canvas
         self.rng = rng
         self.labels = labels
-        self.scale = float(rng.uniform(0.92, 1.08))  # body habitus, scales in-plane positions
-        self.tissue = {k: v + float(rng.normal(0.0, 6.0)) for k, v in HU.items()}
-        enhancement = float(rng.uniform(0.85, 1.15))  # contrast timing varies between scans
+        # ``variability`` scales every between-case spread below (1 = the default phantom; the
+        # random draws are the same, only their amplitudes change).
+        self.v = v = variability
+        # Body habitus, scales in-plane positions.
+        self.scale = float(rng.uniform(1.0 - 0.08 * v, 1.0 + 0.08 * v))
+        self.tissue = {k: val + float(rng.normal(0.0, 6.0 * v)) for k, val in HU.items()}
+        # Contrast timing varies between scans (kept above a third of the nominal enhancement).
+        enhancement = max(float(rng.uniform(1.0 - 0.15 * v, 1.0 + 0.15 * v)), 0.3)
         for key in ("aorta", "ivc", "portal", "kidney_cortex"):
-            self.tissue[key] = HU[key] * enhancement + float(rng.normal(0.0, 5.0))
+            self.tissue[key] = HU[key] * enhancement + float(rng.normal(0.0, 5.0 * v))
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -100,19 +106,21 @@ class Anatomy:
 
     def at(self, u: float, v: float, w: float, jitter: float = 4.0) -> Vec3:
         """A jittered position; in-plane coordinates follow the body size."""
+        jitter *= self.v
         j = self.rng.normal(0.0, jitter, 3).clip(-2.5 * jitter, 2.5 * jitter)
         return (u * self.scale + j[0], v * self.scale + j[1], w + j[2])
 
     def size(self, *semi: float, spread: float = 0.08) -> Vec3:
+        spread = min(spread * self.v, 0.6)
         f = self.rng.uniform(1.0 - spread, 1.0 + spread, 3)
         return (semi[0] * f[0] * self.scale, semi[1] * f[1] * self.scale, semi[2] * f[2])
 
     def angles(self, u: float = 0.0, v: float = 0.0, w: float = 0.0, jitter: float = 6.0) -> Vec3:
-        j = np.deg2rad(self.rng.normal(0.0, jitter, 3))
+        j = np.deg2rad(self.rng.normal(0.0, jitter * self.v, 3))
         return (np.deg2rad(u) + j[0], np.deg2rad(v) + j[1], np.deg2rad(w) + j[2])
 
     def path(self, points: Sequence[Vec3], jitter: float = 3.0) -> list[Vec3]:
-        shift = self.rng.normal(0.0, jitter, 3)
+        shift = self.rng.normal(0.0, jitter * self.v, 3)
         return [
             (p[0] * self.scale + shift[0], p[1] * self.scale + shift[1], p[2] + shift[2])
             for p in points
