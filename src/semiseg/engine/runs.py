@@ -39,12 +39,15 @@ def default_run_dir(config: Config) -> Path:
 
 
 def train_and_maybe_evaluate(config: Config, run_dir: Path, resume: bool = False,
-                             evaluate: bool = False, show_progress: bool = True) -> TrainResult:
+                             evaluate: bool = False, show_progress: bool = True
+                             ) -> tuple[TrainResult, EvaluationResult | None]:
+    """Train (or resume) ``config`` in ``run_dir``; with ``evaluate`` also score the best
+    checkpoint on the test split."""
     result = Trainer(config, run_dir, resume=resume, show_progress=show_progress).fit()
     # Under torchrun only rank 0 evaluates (one writer of metrics.json).
     if evaluate and is_main_process():
-        evaluate_run(run_dir, show_progress=show_progress)
-    return result
+        return result, evaluate_run(run_dir, show_progress=show_progress)
+    return result, None
 
 
 def config_from_checkpoint(payload: dict, overrides: list[str] | None = None) -> Config:
