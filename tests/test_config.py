@@ -73,3 +73,22 @@ def test_config_round_trips_through_yaml(tmp_path: Path) -> None:
     save_config(config, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == config
+
+
+def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path: Path) -> None:
+    # PyYAML (YAML 1.1) reads 5e-2 and 1.0e3 as strings; a float key takes them as numbers.
+    path = tmp_path / "sci.yaml"
+    path.write_text("train:\n  lr: 5e-2\n  weight_decay: 1.0e3\n"
+                    "  loss_weights: {dice: 2E-1}\n", encoding="utf-8")
+    config = load_config(path)
+    assert config.train.lr == 0.05
+    assert config.train.weight_decay == 1000.0
+    assert config.train.loss_weights == {"dice": 0.2}
+    assert load_config(path, ["train.lr=1e-3"]).train.lr == 0.001
+    assert load_config(None, ["train.lr=-.5e+1"]).train.lr == -5.0
+    # Only where a number is expected: a string key keeps the text, an int key refuses it.
+    assert load_config(None, ["experiment.name=1e3"]).experiment.name == "1e3"
+    with pytest.raises(ConfigError, match="train.max_iterations: expected an integer"):
+        load_config(None, ["train.max_iterations=1e3"])
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got '1e-3x'"):
+        load_config(None, ["train.lr=1e-3x"])

@@ -1,14 +1,18 @@
 """The ``semiseg`` command line.
 
-    semiseg prepare synapse|amos|phantom ...   raw downloads -> training arrays
-    semiseg train --config CFG [--set k=v]     train a method (resumable)
-    semiseg evaluate RUN_DIR                   per-class Dice / ASD on the test split
-    semiseg predict --checkpoint CKPT IN...    label maps on the input's own grid
-    semiseg report RUN_DIR... --out DIR        the papers' tables and plots
-    semiseg convert-checkpoint --from KIND IN OUT   official weights -> semiseg
+    semiseg prepare synapse|amos|generic|phantom --out DIR ...   raw scans -> training arrays
+    semiseg train --config CFG --out RUN [--set k=v]   train a method (resumable, --resume)
+    semiseg evaluate RUN                       per-class Dice / ASD on the test split
+    semiseg predict --checkpoint CKPT IN... --out DIR   label maps on the input's own grid
+    semiseg score PRED LABEL                   Dice / ASD of any label map against any label
+    semiseg report RUN... --out DIR            the papers' tables and plots
+    semiseg convert-checkpoint --from KIND IN --out OUT   official weights -> semiseg
     semiseg demo                               phantom -> train -> predict -> table
 
-Errors in the user's input print one line naming the file or key and exit with status 2.
+One name per concept: ``--out`` is where a command writes, ``--device`` the network's device,
+``--no-progress`` hides progress bars. Errors in the user's input and outputs that cannot be
+written print one line naming the file or key and exit with status 2; a training stopped by
+SIGINT / SIGTERM saves a checkpoint and exits 130 / 143.
 """
 
 from __future__ import annotations
@@ -17,23 +21,25 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from semiseg import __version__
+from semiseg.engine.data_cli import add_cli as add_data_cli
 from semiseg.engine.proxy_plot_cli import add_cli as add_plot_proxies_cli
-from semiseg.errors import SemisegError
+from semiseg.errors import RunInterruptedError, SemisegError
 from semiseg.knowledge.cli import add_cli as add_knowledge_cli
+from semiseg.utils.cli_args import (
+    add_device,
+    add_no_progress,
+    add_out,
+    add_overrides,
+    device_overrides,
+)
+
+if TYPE_CHECKING:
+    from semiseg.config import Config
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def _add_overrides(parser: argparse.ArgumentParser, help: str) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help=help)
-
-
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", type=Path, help="run config YAML (see configs/)")
-    _add_overrides(parser, "override a config value, e.g. --set train.lr=0.005 (repeatable)")
 
 
 def _add_convert_checkpoint(sub: argparse._SubParsersAction) -> None:
@@ -46,9 +52,12 @@ def _add_convert_checkpoint(sub: argparse._SubParsersAction) -> None:
         "create_model(NAME, num_classes).load_state_dict(torch.load(OUT)) and gives the same "
         "logits as the official network.")
     convert.add_argument("--from", dest="kind", required=True,
-                         choices=["galoss-vnet", "dhc-vnet", "galoss-magicnet", "tak"])
+                         choices=["galoss-vnet", "dhc-vnet", "galoss-magicnet", "tak"],
+                         help="which official code wrote the checkpoint")
     convert.add_argument("input", type=Path, help="official .pth file")
-    convert.add_argument("output", type=Path, help="converted state dict (.pt)")
+    add_out(convert, "converted state dict (.pt) to write")
+    convert.add_argument("output", type=Path, nargs="?", default=None,
+                         help="the same as --out (the older spelling)")
     convert.add_argument("--which", help="network of a multi-network checkpoint (DHC: A or B)")
     convert.add_argument("--text-embeddings", type=Path, default=None,
                          help="tak only: embedding file to store in the converted state dict "
@@ -64,38 +73,23 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"semiseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    prep = sub.add_parser("prepare", help="turn raw downloads into training arrays",
-                          description="Prepare a dataset: read raw NIfTI volumes, apply the "
-                          "official preprocessing (DHC paper-era grid: whole volume resized to "
-                          "160x160x80), and write the semiseg layout (resumable).")
-    prep.add_argument("dataset", choices=["synapse", "amos", "phantom"])
-    prep.add_argument("--raw", type=Path, help="raw download folder (synapse: the folder "
-                      "holding RawData/Training; amos: the folder with imagesTr/labelsTr)")
-    prep.add_argument("--out", type=Path, required=True, help="output folder")
-    prep.add_argument("--target-shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
-                      default=None, help="resized grid (default 160 160 80)")
-    prep.add_argument("--profile", choices=["galoss", "dhc", "native"], default="galoss",
-                      help="resampling profile: galoss/dhc = the 160x160x80 grid with the "
-                      "pipeline's intensity window as default; native = keep the raw grid")
-    prep.add_argument("--ct-only", action="store_true",
-                      help="amos: skip the MRI cases (ids >= 500); the published splits then "
-                      "no longer validate")
-    prep.add_argument("--num-cases", type=int, default=30, help="phantom: number of cases")
-    prep.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                      help="phantom: volume shape")
-    prep.add_argument("--class-set", default="synapse", choices=["synapse", "amos"],
-                      help="phantom: organ set")
-    prep.add_argument("--seed", type=int, default=0, help="phantom: generator seed")
-    prep.set_defaults(handler=_cmd_prepare)
+    add_data_cli(sub)
 
     train = sub.add_parser("train", help="train a method",
                            description="Train the method of a config. Checkpoints are written "
                            "atomically; --resume continues exactly where a run stopped.")
-    _add_config_args(train)
-    train.add_argument("--run-dir", type=Path, help="run folder (default: "
-                       "<experiment.output_dir>/<experiment.name>/seed<seed>)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--config", "-c", type=Path, help="run config YAML (see configs/); "
+                       "with --resume, default: the run folder's own config.yaml")
+    add_overrides(train, "override a config value, e.g. --set train.lr=1e-3 (repeatable)")
+    add_out(train, "run folder (default: <experiment.output_dir>/<experiment.name>/"
+            "seed<experiment.seed>)")
+    # The older name of --out, kept so that existing scripts and torchrun lines still work.
+    train.add_argument("--run-dir", type=Path, dest="run_dir", help=argparse.SUPPRESS)
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last checkpoint (its own "
+                       "config.yaml unless --config is given)")
+    add_device(train)
+    add_no_progress(train)
     train.add_argument("--evaluate", action="store_true",
                        help="evaluate the best checkpoint on the test split when done")
     train.set_defaults(handler=_cmd_train)
@@ -104,12 +98,24 @@ def _build_parser() -> argparse.ArgumentParser:
                               description="Sliding-window inference on the evaluation split of a "
                               "run, then Dice and ASD per class with the official rules; writes "
                               "metrics.json in the run folder.")
-    evaluate.add_argument("run_dir", type=Path, help="a run folder written by `semiseg train`")
-    evaluate.add_argument("--checkpoint", type=Path, help="checkpoint (default: best.pt)")
-    evaluate.add_argument("--split", choices=["eval", "test"], default=None)
-    evaluate.add_argument("--save-predictions", action="store_true",
-                          help="also write predictions/<case>.nii.gz")
-    _add_overrides(evaluate, "override inference/evaluation settings")
+    evaluate.add_argument("run_dir", type=Path, help="a run folder written by `semiseg train` "
+                          "(metrics.json, predictions/ and overlays/ are written into it)")
+    evaluate.add_argument("--checkpoint", type=Path, help="checkpoint of this run to evaluate "
+                          "(default: RUN/checkpoints/best.pt); a checkpoint of another run "
+                          "is refused")
+    evaluate.add_argument("--split", choices=["eval", "test"], default=None,
+                          help="which cases of the run's split to score (default: the "
+                          "config's evaluation.split, test)")
+    evaluate.add_argument("--save-predictions", action=argparse.BooleanOptionalAction,
+                          default=True, help="write predictions/<case>.nii.gz in each case's "
+                          "own geometry and overlays/<case>.png (default: on)")
+    evaluate.add_argument("--overlays", type=int, default=6, metavar="N",
+                          help="overlay PNGs (axial and coronal slices, ground truth beside "
+                          "prediction) for the first N cases (default 6; 0 for none)")
+    add_device(evaluate)
+    add_no_progress(evaluate)
+    add_overrides(evaluate, "override inference/evaluation settings, e.g. --set "
+                  "evaluation.asd_unit=mm (repeatable)")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     predict = sub.add_parser("predict", help="segment new scans",
@@ -117,10 +123,17 @@ def _build_parser() -> argparse.ArgumentParser:
                              "checkpoint; label maps are written on each input's own grid and "
                              "affine, so they overlay in 3D Slicer or ITK-SNAP.")
     predict.add_argument("inputs", nargs="+", type=Path, help="NIfTI files or DICOM folders")
-    predict.add_argument("--checkpoint", type=Path, required=True)
-    predict.add_argument("--out", type=Path, required=True, help="output folder")
-    predict.add_argument("--device", default="auto")
-    _add_overrides(predict, "override inference settings")
+    predict.add_argument("--checkpoint", type=Path, required=True,
+                         help="a checkpoint written by `semiseg train` (RUN/checkpoints/best.pt)")
+    add_out(predict, "output folder: <scan>_seg.nii.gz per input (inputs of one name in "
+            "different folders get their folder's name in front) and manifest.json",
+            required=True)
+    predict.add_argument("--overwrite", action="store_true",
+                         help="replace outputs that exist already (default: refuse)")
+    add_device(predict, default="auto")
+    add_no_progress(predict)
+    add_overrides(predict, "override inference settings, e.g. --set inference.sw_batch_size=1 "
+                  "(repeatable)")
     predict.set_defaults(handler=_cmd_predict)
 
     report = sub.add_parser("report", help="tables and plots from evaluated runs",
@@ -128,7 +141,8 @@ def _build_parser() -> argparse.ArgumentParser:
                             "and write the papers' tables (Markdown, CSV, JSON, LaTeX) and plots.")
     report.add_argument("runs", nargs="+", type=Path,
                         help="run folders (searched recursively) or experiment grid YAMLs")
-    report.add_argument("--out", type=Path, required=True)
+    add_out(report, "report folder: report.md, the tables (Markdown, CSV, JSON, LaTeX) and "
+            "plots", required=True)
     report.add_argument("--layout", nargs="+", choices=["table1", "per_class", "ablation"],
                         default=None, help="tables to write (default: table1 and per_class, "
                         "plus ablation when the runs record SCDL/TAK switches)")
@@ -152,13 +166,14 @@ def _build_parser() -> argparse.ArgumentParser:
     exp_sub = experiment.add_subparsers(dest="experiment_command", required=True,
                                         metavar="ACTION")
     exp_run = exp_sub.add_parser("run", help="run (or resume) the grid")
-    exp_run.add_argument("grid", type=Path)
-    exp_run.add_argument("--no-progress", action="store_true")
+    exp_run.add_argument("grid", type=Path, help="experiment grid YAML")
     exp_run.add_argument("--rows", nargs="+", default=None, metavar="ROW",
                          help="run only these rows of the grid")
+    add_device(exp_run)
+    add_no_progress(exp_run)
     exp_run.set_defaults(handler=_cmd_experiment_run)
     exp_status = exp_sub.add_parser("status", help="show which cells are done")
-    exp_status.add_argument("grid", type=Path)
+    exp_status.add_argument("grid", type=Path, help="experiment grid YAML")
     exp_status.set_defaults(handler=_cmd_experiment_status)
 
     _add_convert_checkpoint(sub)
@@ -170,9 +185,12 @@ def _build_parser() -> argparse.ArgumentParser:
                           description="The built-in demo: generate the phantom abdomen, train "
                           "the demo config with 20%% labeled cases, predict the test cases and "
                           "print the per-class table. Everything lands in one run folder.")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    add_out(demo, "demo folder: phantom data, run, report (default runs/demo)",
+            default=Path("runs/demo"))
     demo.add_argument("--config", type=Path, default=None, help="demo config (default: built-in)")
-    _add_overrides(demo, "override a demo config value")
+    add_overrides(demo, "override a demo config value (repeatable)")
+    add_device(demo)
+    add_no_progress(demo)
     demo.set_defaults(handler=_cmd_demo)
     return parser
 
@@ -180,67 +198,98 @@ def _build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------- handlers
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    from semiseg.data import prepare
+def _train_config(args: argparse.Namespace) -> tuple[Config, Path]:
+    """The config and run folder of ``semiseg train``: with ``--resume`` and no ``--config``,
+    the run folder's own config.yaml (``--set`` on top)."""
+    from semiseg.config import load_config
+    from semiseg.engine.runs import default_run_dir
 
-    if args.dataset == "phantom":
-        from semiseg.data.classes import get_class_set
-        from semiseg.data.phantom import generate_dataset
-
-        kwargs = {} if args.shape is None else {"shape": tuple(args.shape)}
-        generate_dataset(args.out, num_cases=args.num_cases, class_set=get_class_set(
-            args.class_set), seed=args.seed, **kwargs)
-        print(f"phantom with {args.num_cases} cases in {args.out}")
-        return 0
-    if args.raw is None:
-        raise SemisegError(f"prepare {args.dataset}: --raw (the raw download folder) is required")
-    kwargs: dict = {"profile": args.profile}
-    if args.target_shape is not None:
-        kwargs["target_shape"] = tuple(args.target_shape)
-    if args.dataset == "synapse":
-        prepare.prepare_synapse(args.raw, args.out, **kwargs)
-    else:
-        prepare.prepare_amos(args.raw, args.out, ct_only=args.ct_only, **kwargs)
-    print(f"prepared {args.dataset} in {args.out}")
-    return 0
+    if args.out is not None and args.run_dir is not None:
+        raise SemisegError("--run-dir is the older name of --out; give one of them")
+    out = args.out or args.run_dir
+    overrides = device_overrides(args)
+    if args.resume and args.config is None:
+        if out is None:
+            raise SemisegError("--resume needs the run folder: --out RUN")
+        saved = out / "config.yaml"
+        if not saved.is_file():
+            raise SemisegError(f"{out}: no config.yaml, so nothing to resume there (a run "
+                               "folder holds one from its first checkpoint on)")
+        return load_config(saved, overrides), out
+    config = load_config(args.config, overrides)
+    return config, out or default_run_dir(config)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from semiseg.config import load_config
-    from semiseg.engine.runs import default_run_dir, train_and_maybe_evaluate
+    from semiseg.engine.runs import train_and_maybe_evaluate
+    from semiseg.utils.io import writable_folder
 
-    config = load_config(args.config, args.overrides)
-    run_dir = args.run_dir or default_run_dir(config)
-    result = train_and_maybe_evaluate(config, run_dir, resume=args.resume,
-                                      evaluate=args.evaluate,
-                                      show_progress=not args.no_progress)
+    config, run_dir = _train_config(args)
+    writable_folder(run_dir)
+    result, evaluation = train_and_maybe_evaluate(config, run_dir, resume=args.resume,
+                                                  evaluate=args.evaluate,
+                                                  show_progress=not args.no_progress)
     print(f"run folder: {result.run_dir}")
+    print(f"trained {result.iterations}/{result.max_iterations} iterations in "
+          f"{_duration(result.seconds)}")
+    if result.validated:
+        print(f"best validation Dice {result.best_score * 100:.2f} % at iteration "
+              f"{result.best_iteration} (checkpoints/best.pt)")
+    else:
+        print("no validation ran (train.validate_every 0, or no eval cases): checkpoints/"
+              "best.pt holds the final weights")
+    if evaluation is not None:
+        print(evaluation.to_markdown())
+        print(f"next: semiseg report {result.run_dir} --out {result.run_dir / 'report'}")
+    else:
+        print(f"next: semiseg evaluate {result.run_dir}")
     return 0
+
+
+def _duration(seconds: float) -> str:
+    """``12.3 s``, ``4m 05s``, ``2h 07m``."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{seconds:.1f} s"
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from semiseg.engine.runs import evaluate_run
 
     result = evaluate_run(args.run_dir, checkpoint=args.checkpoint, split=args.split,
-                          save_predictions=args.save_predictions, overrides=args.overrides)
+                          save_predictions=args.save_predictions, overrides=args.overrides,
+                          show_progress=not args.no_progress, device=args.device,
+                          overlays=args.overlays)
     print(result.to_markdown())
+    print(f"metrics: {args.run_dir / 'metrics.json'}")
+    if args.save_predictions:
+        print(f"predictions: {args.run_dir / 'predictions'} (NIfTI, each case's own geometry); "
+              f"overlays: {args.run_dir / 'overlays'}")
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from semiseg.engine.predict import predict_files
+    from semiseg.engine.predict import MANIFEST, predict_files
+
+    def warn(message: str) -> None:
+        print(f"semiseg predict: warning: {message}", file=sys.stderr)
 
     written = predict_files(args.checkpoint, args.inputs, args.out, device=args.device,
-                            overrides=args.overrides)
+                            overrides=args.overrides, show_progress=not args.no_progress,
+                            overwrite=args.overwrite, warn=warn)
     for path in written:
         print(path)
+    print(f"inputs -> outputs: {args.out / MANIFEST}")
     return 0
 
 
 def _cmd_experiment_run(args: argparse.Namespace) -> int:
     from semiseg.engine.experiment import load_grid, run_grid, select_rows
 
-    run_grid(select_rows(load_grid(args.grid), args.rows), show_progress=not args.no_progress)
+    run_grid(select_rows(load_grid(args.grid), args.rows), show_progress=not args.no_progress,
+             device=args.device)
     return 0
 
 
@@ -259,6 +308,7 @@ def _cmd_experiment_status(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from semiseg.engine.experiment import grid_run_dirs, load_grid
     from semiseg.engine.report import write_report
+    from semiseg.utils.io import writable_folder
 
     sources: list[Path] = []
     for path in args.runs:
@@ -268,6 +318,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             sources.append(path)
     if not sources:
         raise SemisegError("no evaluated runs to report (has the grid run?)")
+    writable_folder(args.out)  # before reading the runs
     show_std = {"auto": None, "always": True, "never": False}[args.std]
     outputs = write_report(sources, args.out, args.layout, ddof=args.ddof, show_std=show_std,
                            paired=args.paired)
@@ -280,10 +331,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from semiseg.models import read_official_checkpoint
     from semiseg.models.convert import converted_model
-    from semiseg.utils.io import atomic_torch_save
+    from semiseg.utils.io import atomic_torch_save, writable_file
 
     if args.text_embeddings is not None and args.kind != "tak":
         raise SemisegError("--text-embeddings applies to --from tak only")
+    if (args.out is None) == (args.output is None):
+        raise SemisegError("name the converted file once: --out OUT")
+    args.output = writable_file(args.out or args.output)
     state = read_official_checkpoint(args.input, args.kind, args.which, args.text_embeddings)
     atomic_torch_save(state, args.output)
     model, options = converted_model(state, args.kind)
@@ -297,7 +351,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from semiseg.engine.demo import run_demo
 
-    run_demo(args.out, config_path=args.config, overrides=args.overrides)
+    run_demo(args.out, config_path=args.config, overrides=device_overrides(args),
+             show_progress=not args.no_progress)
     return 0
 
 
@@ -307,8 +362,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
+    except RunInterruptedError as exc:
+        print(f"semiseg {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except SemisegError as exc:
         print(f"semiseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # What the checks before the work could not foresee (a disk that fills up, a folder
+        # removed meanwhile): one line naming the path, as for bad input.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"semiseg {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"semiseg {args.command}: interrupted (a resumable run continues with --resume)",

@@ -34,3 +34,20 @@ class MissingDependencyError(SemisegError, ImportError):
 class NumericsError(SemisegError, ArithmeticError):
     """Training arithmetic went wrong: a non-finite loss, or reduced precision that does not
     reproduce fp32 on this device (the self-check of :mod:`semiseg.engine.precision`)."""
+
+
+class OutputError(SemisegError, OSError):
+    """An output cannot be written: a full disk, a read-only folder, a file where a folder
+    belongs (or the reverse). The message names the path and the operating system's reason."""
+
+
+class RunInterruptedError(SemisegError):
+    """A run stopped on SIGINT / SIGTERM after saving what it could: ``what`` happened, the
+    command that continues it (``resume``), and ``exit_code``, the shell's convention for the
+    signal (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, what: str, exit_code: int, resume: str) -> None:
+        super().__init__(f"{what}; continue with: {resume}")
+        self.what = what
+        self.exit_code = exit_code
+        self.resume = resume

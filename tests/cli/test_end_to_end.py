@@ -19,16 +19,6 @@ from semiseg.data.prepare import TOTALSEG_TO_SYNAPSE, prepare_nifti_pairs
 REPO = Path(__file__).resolve().parents[2]
 REAL_CT = REPO.parent / "shared" / "data" / "real-ct"
 
-TINY = {
-    "model": {"name": "vnet", "options": {"n_filters": 4}},
-    "method": {"name": "supervised"},
-    "train": {"max_iterations": 3, "batch_size": 2, "labeled_batch_size": 2,
-              "checkpoint_every": 3, "validate_every": 0, "log_every": 1},
-    "inference": {"patch_size": [32, 32, 32], "stride": [16, 16, 16],
-                  "validation_stride": [16, 16, 16], "sw_batch_size": 4},
-}
-
-
 def _write_config(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
@@ -38,7 +28,7 @@ def _write_config(path: Path, data: dict) -> Path:
 @pytest.mark.skipif(not (REAL_CT / "ct.nii.gz").is_file(),
                     reason=f"shared real CT not found at {REAL_CT} (../shared/data beside the "
                     "checkout)")
-def test_real_ct_prepare_train_predict_evaluate(tmp_path: Path, capsys) -> None:
+def test_real_ct_prepare_train_predict_evaluate(tmp_path: Path, write_tiny_config) -> None:
     # Two "cases": the scan and its left-right mirror, so that training and test differ.
     image = nib.load(REAL_CT / "ct.nii.gz")
     label = nib.load(REAL_CT / "labels_totalseg.nii.gz")
@@ -55,11 +45,11 @@ def test_real_ct_prepare_train_predict_evaluate(tmp_path: Path, capsys) -> None:
     split = _write_config(tmp_path / "split.yaml", {
         "name": "realct", "dataset": "synapse", "class_set": "synapse",
         "train": ["mirror"], "eval": [], "test": ["real"], "labeled": {"1.0": ["mirror"]}})
-    config = _write_config(tmp_path / "config.yaml", {
-        **TINY, "data": {"dataset": "synapse", "root": str(data), "split": str(split),
-                         "labeled_ratio": 1.0, "patch_size": [32, 32, 32]}})
+    config = write_tiny_config(tmp_path / "config.yaml", data={
+        "dataset": "synapse", "root": str(data), "split": str(split), "labeled_ratio": 1.0,
+        "patch_size": [32, 32, 32]})
     run = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--run-dir", str(run), "--no-progress"]) == 0
+    assert main(["train", "--config", str(config), "--out", str(run), "--no-progress"]) == 0
     assert main(["evaluate", str(run)]) == 0
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert [c["case"] for c in metrics["cases"]] == ["real"]
@@ -80,16 +70,14 @@ def test_real_ct_prepare_train_predict_evaluate(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "report" / "report.md").exists()
 
 
-def test_phantom_through_the_cli_with_a_bad_override(tmp_path: Path, capsys) -> None:
-    config = _write_config(tmp_path / "config.yaml", {
-        **TINY, "data": {"dataset": "phantom", "root": str(tmp_path / "data"),
-                         "patch_size": [32, 32, 32],
-                         "phantom": {"num_cases": 10, "shape": [40, 40, 32]}}})
+def test_phantom_through_the_cli_with_a_bad_override(tmp_path: Path, tiny_config,
+                                                     capsys) -> None:
+    config = tiny_config()
     code = main(["train", "--config", str(config), "--set", "train.lrr=0.1"])
     assert code == 2
     assert "unknown config key 'train.lrr'" in capsys.readouterr().err
     run = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--run-dir", str(run), "--no-progress",
+    assert main(["train", "--config", str(config), "--out", str(run), "--no-progress",
                  "--evaluate"]) == 0
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["run"]["method"] == "supervised"
@@ -99,8 +87,8 @@ def test_phantom_through_the_cli_with_a_bad_override(tmp_path: Path, capsys) -> 
     assert "no checkpoint to evaluate" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "predict", "report",
-                                     "demo", "convert-checkpoint"])
+@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "predict", "score",
+                                     "report", "demo", "convert-checkpoint"])
 def test_every_command_has_help(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -71,13 +71,15 @@ def test_grid_survives_a_kill_and_does_not_redo_finished_cells(tmp_path: Path) -
     assert first_metrics.exists(), "the first cell finished before the kill"
     assert cell_status(cells[1]) == "partial"
     stamp = first_metrics.stat().st_mtime_ns
-    assert main(["experiment", "run", str(grid_path), "--no-progress"]) == 0
+    assert main(["experiment", "run", str(grid_path), "--no-progress", "--device", "cpu"]) == 0
     assert first_metrics.stat().st_mtime_ns == stamp, "a finished cell was redone"
     assert all(cell_status(c) == "done" for c in cells)
     manifest = json.loads((tmp_path / "runs" / "manifest.json").read_text(encoding="utf-8"))
     assert set(manifest["cells"]) == {c.key for c in cells}
     assert all(entry["status"] == "done" for entry in manifest["cells"].values())
     assert manifest["cells"]["cps/seed1"]["config"]["method"]["name"] == "ga_cps"
+    # --device overrides every cell's experiment.device (the grid's configs say "auto").
+    assert {e["config"]["experiment"]["device"] for e in manifest["cells"].values()} == {"cpu"}
     assert main(["experiment", "status", str(grid_path)]) == 0
     assert main(["report", str(grid_path), "--out", str(tmp_path / "report")]) == 0
     table = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
@@ -99,7 +101,8 @@ def test_grid_survives_a_kill_and_does_not_redo_finished_cells(tmp_path: Path) -
 
 def test_a_cell_claimed_by_another_process_is_skipped_and_rows_select(tmp_path: Path,
                                                                       capsys) -> None:
-    from semiseg.engine.experiment import _locked, run_grid, select_rows
+    from semiseg.engine.experiment import run_grid, select_rows
+    from semiseg.utils.io import exclusive_lock
 
     grid = select_rows(load_grid(_grid(tmp_path, iterations=2)), ["lower"])
     assert [row.name for row in grid.rows] == ["lower"]
@@ -107,7 +110,7 @@ def test_a_cell_claimed_by_another_process_is_skipped_and_rows_select(tmp_path: 
         select_rows(load_grid(_grid(tmp_path)), ["nope"])
     claimed, free = grid_cells(grid)
     # Another process holds seed0: this run must leave it alone and still finish seed1.
-    with _locked(claimed.run_dir.parent / f".{claimed.run_dir.name}.lock") as held:
+    with exclusive_lock(claimed.run_dir.parent / f".{claimed.run_dir.name}.lock") as held:
         assert held
         run_grid(grid, show_progress=False)
     assert "lower/seed0: running in another process, skipped" in capsys.readouterr().out
@@ -136,3 +139,30 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None
     manifest = json.loads((tmp_path / "runs" / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["cells"]["broken/seed0"]["status"] == "failed"
     assert "no_such" in manifest["cells"]["broken/seed0"]["error"]
+
+
+def test_a_stop_signal_stops_the_grid_with_its_cell_saved(tmp_path: Path) -> None:
+    grid_path = _grid(tmp_path, iterations=100000)
+    cells = grid_cells(load_grid(grid_path))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "semiseg", "experiment", "run",
+                             str(grid_path), "--no-progress"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state_path = cells[0].run_dir / "state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state_path.read_text(encoding="utf-8"))["iteration"] >= 3:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].endswith(
+        f"continue with: semiseg experiment run {grid_path}")
+    manifest = json.loads((tmp_path / "runs" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["cells"]["lower/seed0"]["status"] == "interrupted"
+    assert not cells[1].run_dir.exists(), "the grid went on after the signal"
+    assert cell_status(cells[0]) == "partial"  # the next run resumes it

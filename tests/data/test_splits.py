@@ -135,6 +135,14 @@ def test_validate_split_against_a_store(tmp_path: Path) -> None:
         validate_split(split, amos, 0.5)
     with pytest.raises(SplitError, match="no labelled list for ratio 0.3"):
         validate_split(split, amos, 0.3)
+    # Ratio 1 is named once, listed in the file or not (it read "available: 1, and 1").
+    listed = load_split(_yaml(tmp_path / "one.yaml", "['a', 'b', 'c']", "['d']",
+                              "{1: ['a', 'b', 'c']}"))
+    with pytest.raises(SplitError) as error:
+        listed.labeled_ids(0.5)
+    assert str(error.value).endswith("no labelled list for ratio 0.5 (available ratios: 1)")
+    with pytest.raises(SplitError, match=r"ratio 0\.3 \(available ratios: 0\.5, 1\)$"):
+        split.labeled_ids(0.3)
 
 
 def test_phantom_split_comes_from_the_store_size(tmp_path: Path) -> None:

@@ -35,9 +35,9 @@ from semiseg.data.phantom_geometry import (
     phantom_affine,
 )
 from semiseg.data.prepare import get_profile
-from semiseg.data.splits import Split
+from semiseg.data.splits import Split, split_sizes
 from semiseg.data.writer import CaseWriter
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, SplitError
 
 
 def _label_ids(class_set: ClassSet) -> dict[str, int]:
@@ -164,20 +164,6 @@ def generate_dataset(
     return Path(out_root)
 
 
-def _split_sizes(num_cases: int) -> tuple[int, int, int]:
-    # Synapse proportions 20 / 4 / 6 of 30, each subset non-empty when there are >= 3 cases.
-    if num_cases < 3:
-        raise ConfigError(
-            f"phantom split needs at least 3 cases (train/eval/test), got {num_cases}"
-        )
-    n_eval = max(1, round(num_cases * 4 / 30))
-    n_test = max(1, round(num_cases * 6 / 30))
-    n_train = num_cases - n_eval - n_test
-    if n_train < 1:
-        n_train, n_test = 1, num_cases - 1 - n_eval
-    return n_train, n_eval, n_test
-
-
 def phantom_split(num_cases: int, class_set: str = "synapse") -> Split:
     """The phantom's split: train/eval/test in Synapse proportions (20/4/6 of 30) over
     :func:`phantom_case_ids`, labelled lists for ratios 0.1 and 0.2, and any other ratio computed
@@ -187,7 +173,10 @@ def phantom_split(num_cases: int, class_set: str = "synapse") -> Split:
     phantom store (:func:`semiseg.engine.setup.open_split`)."""
 
     ids = phantom_case_ids(num_cases)
-    n_train, n_eval, _ = _split_sizes(num_cases)
+    try:
+        n_train, n_eval, _ = split_sizes(num_cases)
+    except SplitError as exc:
+        raise ConfigError(f"phantom: {exc}") from None
     train = ids[:n_train]
     labeled = {f"{ratio:g}": train[: max(1, round(ratio * n_train))] for ratio in (0.1, 0.2)}
     return Split(

@@ -42,6 +42,10 @@ import numpy as np
 from semiseg.data.arrays import Intensity, apply_intensity
 from semiseg.data.classes import AMOS, SYNAPSE, ClassSet
 from semiseg.data.io import Volume, affine_spacing, check_labels, check_pair, read_volume
+
+# Re-exported for older callers: the maps themselves are the shipped YAML files.
+from semiseg.data.label_maps import TOTALSEG_TO_AMOS as TOTALSEG_TO_AMOS
+from semiseg.data.label_maps import TOTALSEG_TO_SYNAPSE as TOTALSEG_TO_SYNAPSE
 from semiseg.data.resample import resize_image, resize_labels
 from semiseg.data.writer import CaseWriter
 from semiseg.errors import ConfigError, DataError, SemisegError
@@ -404,40 +408,3 @@ def prepare_amos(
     return prepare_nifti_pairs(
         cases, out_root, AMOS, None, profile, "amos", overwrite, progress, target_shape
     )
-
-
-# Data tables (they share most rows, which a duplicate finder pairs).
-# TotalSegmentator v2 "total" ids -> Synapse ids (/work/shared/data/README.md).
-TOTALSEG_TO_SYNAPSE: dict[int, int] = {
-    1: 1,
-    2: 2,
-    3: 3,
-    4: 4,
-    15: 5,
-    5: 6,
-    6: 7,
-    52: 8,
-    63: 9,
-    64: 10,
-    7: 11,
-    8: 12,
-    9: 13,
-}
-# TotalSegmentator v2 ids -> AMOS ids (same README: duodenum 19, bladder 21, prostate 22).
-TOTALSEG_TO_AMOS: dict[int, int] = {
-    1: 1,
-    2: 2,
-    3: 3,
-    4: 4,
-    15: 5,
-    5: 6,
-    6: 7,
-    52: 8,
-    63: 9,
-    7: 10,
-    8: 11,
-    9: 12,
-    19: 13,
-    21: 14,
-    22: 15,
-}

@@ -49,3 +49,29 @@ def resize_labels(array: np.ndarray, shape: Sequence[int], centered: bool = Fals
     mode = "nearest-exact" if centered else "nearest"
     out = F.interpolate(torch.from_numpy(carrier)[None, None], size=shape, mode=mode)
     return out[0, 0].numpy().astype(labels.dtype, copy=False)
+
+
+def labels_onto_grid(labels: np.ndarray, source_affine: np.ndarray,
+                     target_shape: Sequence[int], target_affine: np.ndarray
+                     ) -> tuple[np.ndarray, float]:
+    """A label map resampled onto another grid of the same scan by world coordinates
+    (voxel-to-world affines, nearest neighbour); returns it and the fraction of the target
+    grid that the source covers (voxels outside the source are background)."""
+    from scipy import ndimage
+
+    # Target voxel index -> world -> source voxel index.
+    to_source = np.linalg.inv(np.asarray(source_affine, np.float64)) @ np.asarray(
+        target_affine, np.float64)
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() > 65534):
+        raise ValueError(f"label ids {int(labels.min())}..{int(labels.max())} outside 0..65534")
+    # Shifted by one, so that 0 marks "outside the source grid" (the transform's cval).
+    shifted = labels.astype(np.uint16) + np.uint16(1)
+    out = ndimage.affine_transform(shifted, to_source[:3, :3], offset=to_source[:3, 3],
+                                   output_shape=tuple(int(s) for s in target_shape), order=0,
+                                   mode="constant", cval=0, prefilter=False)
+    inside = out > 0
+    coverage = float(np.count_nonzero(inside)) / max(out.size, 1)
+    result = np.where(inside, out - 1, 0).astype(labels.dtype if labels.dtype.kind in "iu"
+                                                  else np.int32)
+    return result, coverage

@@ -94,10 +94,10 @@ class Split:
             return list(self.train)
         if self.auto_ratios:
             return list(self.train[: max(1, round(ratio * len(self.train)))])
-        available = ", ".join(f"{r:g}" for r in self.ratios) or "none"
-        raise SplitError(
-            f"{self.where}: no labelled list for ratio {ratio:g} (available: {available}, and 1)"
-        )
+        # Ratio 1 (every training case labelled) is always there, listed or not.
+        available = ", ".join(f"{r:g}" for r in sorted({*self.ratios, 1.0}))
+        raise SplitError(f"{self.where}: no labelled list for ratio {ratio:g} (available "
+                         f"ratios: {available})")
 
     def unlabeled_ids(self, ratio: float) -> list[str]:
         """Training cases not labelled at ``ratio``, in training-list order."""
@@ -116,6 +116,19 @@ class Split:
         data.update(train=list(self.train), eval=list(self.eval), test=list(self.test))
         data["labeled"] = {k: list(v) for k, v in self.labeled.items()}
         return data
+
+
+def split_sizes(num_cases: int) -> tuple[int, int, int]:
+    """(train, eval, test) sizes in Synapse's proportions 20 / 4 / 6 of 30, each subset
+    non-empty; needs at least 3 cases."""
+    if num_cases < 3:
+        raise SplitError(f"a split needs at least 3 cases (train/eval/test), got {num_cases}")
+    n_eval = max(1, round(num_cases * 4 / 30))
+    n_test = max(1, round(num_cases * 6 / 30))
+    n_train = num_cases - n_eval - n_test
+    if n_train < 1:
+        n_train, n_test = 1, num_cases - 1 - n_eval
+    return n_train, n_eval, n_test
 
 
 def _duplicates(ids: list[str]) -> list[str]:

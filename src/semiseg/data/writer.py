@@ -24,8 +24,10 @@ class CaseWriter:
 
     Each case's arrays are written atomically, then ``dataset.json`` is rewritten atomically
     with the case added: a crash leaves at worst an unlisted array that the next run rewrites.
-    Reopening a folder made with different ``dataset``/``class_set``/``preprocessing`` is an
-    error (mixing preprocessings silently would corrupt the data) unless ``overwrite``.
+    Nothing is written before the first case, so a run that fails on its first case leaves no
+    ``dataset.json`` behind. Reopening a folder made with different ``dataset``/``class_set``/
+    ``preprocessing`` is an error (mixing preprocessings silently would corrupt the data)
+    unless ``overwrite``, which discards the listed cases; a listing without cases is replaced.
     """
 
     def __init__(
@@ -48,15 +50,15 @@ class CaseWriter:
         path = self.root / DATASET_JSON
         if path.exists() and not overwrite:
             existing = read_dataset_json(path)
-            for key in ("dataset", "class_set", "preprocessing"):
-                if existing.get(key) != header[key]:
-                    raise DataError(
-                        f"{path}: existing data was prepared with {key}={existing.get(key)!r}, "
-                        f"not {header[key]!r}; use a new output folder or overwrite"
-                    )
+            if existing["cases"]:
+                for key in ("dataset", "class_set", "preprocessing"):
+                    if existing.get(key) != header[key]:
+                        raise DataError(
+                            f"{path}: existing data was prepared with {key}="
+                            f"{existing.get(key)!r}, not {header[key]!r}; use a new --out "
+                            "folder or pass --overwrite (discards the cases prepared before)"
+                        )
             self._meta["cases"] = dict(existing["cases"])
-        self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, self._meta)
 
     @property
     def ids(self) -> list[str]:

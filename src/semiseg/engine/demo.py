@@ -40,7 +40,7 @@ def _state(run_dir: Path) -> str | None:
 
 
 def run_demo(out: Path, config_path: Path | None = None,
-             overrides: list[str] | None = None) -> Path:
+             overrides: list[str] | None = None, show_progress: bool = True) -> Path:
     """Run the whole demo in ``out`` and print the table; returns the run folder."""
     from semiseg.engine.report import write_report
 
@@ -55,9 +55,9 @@ def run_demo(out: Path, config_path: Path | None = None,
         print(f"[demo] phantom data in {config.data.root}; training {config.method.name} "
               f"({config.train.max_iterations} iterations, "
               f"{config.data.labeled_ratio:.0%} labeled) in {run_dir}")
-        Trainer(config, run_dir, resume=status is not None).fit()
+        Trainer(config, run_dir, resume=status is not None, show_progress=show_progress).fit()
     print("[demo] predicting and scoring the test cases")
-    result = evaluate_run(run_dir, save_predictions=True)
+    result = evaluate_run(run_dir, save_predictions=True, show_progress=show_progress)
     write_report([run_dir], out / "report")
     print()
     print(result.to_markdown())

@@ -30,14 +30,11 @@ later run resumes the cell. Manifest updates are read-modify-write under a lock 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
 import subprocess
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +43,8 @@ import yaml
 
 from semiseg import __version__
 from semiseg.config import Config, load_config_dict, merge, parse_override
-from semiseg.errors import ConfigError, SemisegError
-from semiseg.utils.io import atomic_write_json
+from semiseg.errors import ConfigError, RunInterruptedError, SemisegError
+from semiseg.utils.io import atomic_write_json, exclusive_lock
 from semiseg.utils.typed import build_dataclass
 
 MANIFEST = "manifest.json"
@@ -175,32 +172,11 @@ def read_manifest(grid: Grid) -> dict[str, Any]:
     return {"grid": grid.name, "cells": {}}
 
 
-@contextlib.contextmanager
-def _locked(path: Path, blocking: bool = True) -> Iterator[bool]:
-    """Hold an exclusive OS lock on ``path`` (created if needed); yields False when
-    ``blocking`` is off and another process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")  # noqa: SIM115  (held open for the lock's lifetime)
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield True
-    finally:
-        handle.close()  # closing releases the lock
-
-
 def _record(grid: Grid, cell: Cell, **fields: Any) -> None:
     """Update the cell's manifest entry (read-modify-write under the manifest lock, so that
     parallel grid processes do not lose each other's entries)."""
     path = _manifest_path(grid)
-    with _locked(path.with_name(MANIFEST + ".lock")):
+    with exclusive_lock(path.with_name(MANIFEST + ".lock")):
         manifest = read_manifest(grid)
         entry = manifest["cells"].setdefault(cell.key, {})
         entry.update({"row": cell.row, "seed": cell.seed, "ratio": cell.ratio,
@@ -222,14 +198,18 @@ def select_rows(grid: Grid, rows: Sequence[str] | None) -> Grid:
     return grid
 
 
-def run_grid(grid: Grid, show_progress: bool = True) -> list[Cell]:
+def run_grid(grid: Grid, show_progress: bool = True, device: str | None = None) -> list[Cell]:
     """Run (or resume) every cell of ``grid`` that no other process is running; returns the
     cells. A cell that fails is recorded as ``failed`` (with its error) in the manifest and
-    the grid goes on; a :class:`SemisegError` listing the failed cells ends the call."""
+    the grid goes on; a :class:`SemisegError` listing the failed cells ends the call. A stop
+    signal (the trainer saves its cell's checkpoint) ends the whole grid. ``device``
+    overrides every cell's ``experiment.device``."""
     from semiseg.engine.runs import evaluate_run
     from semiseg.engine.trainer import Trainer
 
     cells = grid_cells(grid)
+    for cell in cells if device else []:
+        cell.config.experiment.device = str(device)
     version = code_version()
     failed: list[str] = []
     for index, cell in enumerate(cells, start=1):
@@ -238,7 +218,8 @@ def run_grid(grid: Grid, show_progress: bool = True) -> list[Cell]:
             print(f"{prefix}: done, skipped")
             _record(grid, cell, status="done")
             continue
-        with _locked(cell.run_dir.parent / f".{cell.run_dir.name}.lock", blocking=False) as mine:
+        claim = cell.run_dir.parent / f".{cell.run_dir.name}.lock"
+        with exclusive_lock(claim, blocking=False) as mine:
             if not mine:
                 print(f"{prefix}: running in another process, skipped")
                 continue
@@ -256,6 +237,11 @@ def run_grid(grid: Grid, show_progress: bool = True) -> list[Cell]:
                             show_progress=show_progress).fit()
                 print(f"{prefix}: evaluating")
                 evaluate_run(cell.run_dir, show_progress=show_progress)
+            except RunInterruptedError as exc:
+                _record(grid, cell, status="interrupted", code_version=version)
+                raise RunInterruptedError(f"{cell.key}: {exc.what}", exc.exit_code,
+                                          f"semiseg experiment run {grid.path or 'GRID'}"
+                                          ) from None
             except Exception as exc:  # one broken cell must not stop a night of other cells
                 message = f"{type(exc).__name__}: {exc}"
                 print(f"{prefix}: FAILED ({message}); continuing with the next cell")

@@ -1,4 +1,5 @@
-"""Figures for reports: per-class Dice bars over methods, and slice overlays of a case.
+"""Figures for reports: per-class Dice bars over methods, and slice overlays of a case
+(one slice, or a few axial and coronal slices per case as ``semiseg evaluate`` writes them).
 
 Everything draws on a :class:`matplotlib.figure.Figure` with the Agg canvas directly instead of
 ``pyplot``: no GUI backend is ever chosen and no global state is changed, so the functions are
@@ -15,6 +16,7 @@ import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -209,6 +211,44 @@ def _label_rgba(labels2d: np.ndarray, class_set: ClassSet, alpha: float) -> np.n
     return lut[index]
 
 
+def _window(plane: np.ndarray) -> tuple[float, float]:
+    """Grey levels of a slice: its 0.5th..99.5th percentiles."""
+    low, high = np.percentile(plane, [0.5, 99.5]) if plane.size else (0.0, 1.0)
+    return float(low), float(high if high > low else low + 1)
+
+
+def _draw_panel(ax: Any, plane: np.ndarray, labels2d: np.ndarray, class_set: ClassSet,
+                alpha: float, present: set[int], aspect: float = 1.0) -> None:
+    """One slice in grey with the classes of ``labels2d`` filled and outlined; adds the
+    classes drawn to ``present`` (for the legend)."""
+    colors = class_colors(class_set)
+    low, high = _window(plane)
+    ax.imshow(plane, cmap="gray", vmin=low, vmax=high, origin="upper",
+              interpolation="nearest", aspect=aspect)
+    ax.imshow(_label_rgba(labels2d, class_set, alpha), origin="upper", interpolation="nearest",
+              aspect=aspect)
+    for label in np.unique(labels2d):
+        if label in colors:
+            present.add(int(label))
+            ax.contour(labels2d == label, levels=[0.5], colors=[colors[label]], linewidths=0.8)
+    ax.set_axis_off()
+
+
+def _legend(figure: Figure, class_set: ClassSet, present: set[int]) -> None:
+    colors = class_colors(class_set)
+    handles = [Patch(color=colors[o.label], label=o.abbreviation)
+               for o in class_set.organs if o.label in present]
+    if handles:
+        figure.legend(handles=handles, loc="lower center", ncols=min(len(handles), 8),
+                      fontsize=7, frameon=False)
+
+
+def _check_volumes(image: np.ndarray, ref: np.ndarray, pred: np.ndarray) -> None:
+    if not image.shape == ref.shape == pred.shape or image.ndim != 3:
+        raise DataError(f"overlay needs three 3-D volumes of one shape, got image {image.shape}, "
+                        f"label {ref.shape}, prediction {pred.shape}")
+
+
 def plot_overlay(
     image: np.ndarray,
     ref: np.ndarray,
@@ -229,36 +269,77 @@ def plot_overlay(
     present in either panel by abbreviation. Image is ``2*panel_size x panel_size`` inches.
     """
     image, ref, pred = np.asarray(image), np.asarray(ref), np.asarray(pred)
-    if not image.shape == ref.shape == pred.shape or image.ndim != 3:
-        raise DataError(f"overlay needs three 3-D volumes of one shape, got image {image.shape}, "
-                        f"label {ref.shape}, prediction {pred.shape}")
+    _check_volumes(image, ref, pred)
     index = choose_slice(ref, axis) if slice_index is None else int(slice_index)
     if not 0 <= index < image.shape[axis]:
         raise DataError(f"slice {index} outside 0..{image.shape[axis] - 1} along axis {axis}")
     plane = _slice(image, index, axis).astype(np.float64)
-    low, high = np.percentile(plane, [0.5, 99.5]) if plane.size else (0.0, 1.0)
-    colors = class_colors(class_set)
     figure = Figure(figsize=(2 * panel_size, panel_size))
     figure.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.12, wspace=0.02)
     present: set[int] = set()
     for column, (name, labels) in enumerate((("Ground truth", ref), ("Prediction", pred))):
         ax = figure.add_subplot(1, 2, column + 1)
-        labels2d = _slice(labels, index, axis).astype(np.int64)
-        ax.imshow(plane, cmap="gray", vmin=low, vmax=high if high > low else low + 1,
-                  origin="upper", interpolation="nearest")
-        ax.imshow(_label_rgba(labels2d, class_set, alpha), origin="upper",
-                  interpolation="nearest")
-        for label in np.unique(labels2d):
-            if label in colors:
-                present.add(int(label))
-                ax.contour(labels2d == label, levels=[0.5], colors=[colors[label]],
-                           linewidths=0.8)
+        _draw_panel(ax, plane, _slice(labels, index, axis).astype(np.int64), class_set, alpha,
+                    present)
         ax.set_title(name, fontsize=9)
-        ax.set_axis_off()
-    handles = [Patch(color=colors[o.label], label=o.abbreviation)
-               for o in class_set.organs if o.label in present]
-    if handles:
-        figure.legend(handles=handles, loc="lower center", ncols=min(len(handles), 8),
-                      fontsize=7, frameon=False)
+    _legend(figure, class_set, present)
     figure.suptitle(title or f"slice {index} (axis {axis})", fontsize=9)
+    return save_figure(figure, out_path, dpi)
+
+
+def overlay_slices(labels: np.ndarray, axis: int, count: int) -> list[int]:
+    """``count`` slice indices along ``axis``, evenly inside the labelled extent (the whole
+    volume when nothing is labelled), e.g. at 1/4, 1/2 and 3/4 of it for three."""
+    labels = np.asarray(labels)
+    moved = np.moveaxis(labels != 0, axis, -1)
+    hits = np.flatnonzero(moved.any(axis=(0, 1)))
+    low, high = (int(hits[0]), int(hits[-1])) if hits.size else (0, labels.shape[axis] - 1)
+    spots = [round(low + (high - low) * (k + 1) / (count + 1)) for k in range(count)]
+    return list(dict.fromkeys(spots))
+
+
+# Views of a case overlay: (name, array axis cut, slices); coronal cuts the second axis (Y).
+CASE_VIEWS = (("axial", 2, 3), ("coronal", 1, 2))
+
+
+def plot_case_overlay(
+    image: np.ndarray,
+    ref: np.ndarray,
+    pred: np.ndarray,
+    class_set: ClassSet,
+    out_path: str | Path,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    title: str | None = None,
+    panel_size: float = 3.0,
+    dpi: int = 80,
+    alpha: float = 0.4,
+) -> Path:
+    """A few axial and coronal slices of one case (:data:`CASE_VIEWS`, placed by
+    :func:`overlay_slices` in the ground truth), ground truth left and prediction right on
+    each row; voxels are drawn to scale with ``spacing`` (X, Y, Z in mm)."""
+    image, ref, pred = np.asarray(image), np.asarray(ref), np.asarray(pred)
+    _check_volumes(image, ref, pred)
+    rows = [(name, axis, index) for name, axis, count in CASE_VIEWS
+            for index in overlay_slices(ref, axis, count)]
+    height = panel_size * len(rows) + 1.1
+    figure = Figure(figsize=(2 * panel_size, height))
+    # Inches kept free: 0.6 on top for the title, 0.5 at the bottom for the legend.
+    figure.subplots_adjust(left=0.01, right=0.99, top=1 - 0.6 / height, bottom=0.5 / height,
+                           wspace=0.02, hspace=0.15)
+    present: set[int] = set()
+    for row, (name, axis, index) in enumerate(rows):
+        plane = _slice(image, index, axis).astype(np.float64)
+        # Rows of a slice run along its second remaining axis: Y for axial, Z for coronal.
+        rows_axis = 1 if axis == 2 else 2
+        aspect = spacing[rows_axis] / spacing[0]
+        flip = axis != 2  # coronal: the head end (high Z) at the top
+        for column, labels in enumerate((ref, pred)):
+            labels2d = _slice(labels, index, axis).astype(np.int64)
+            ax = figure.add_subplot(len(rows), 2, 2 * row + column + 1)
+            _draw_panel(ax, plane[::-1] if flip else plane,
+                        labels2d[::-1] if flip else labels2d, class_set, alpha, present, aspect)
+            ax.set_title(f"{'Ground truth' if column == 0 else 'Prediction'}, {name} "
+                         f"{'zyx'[2 - axis]}={index}", fontsize=8)
+    _legend(figure, class_set, present)
+    figure.suptitle(title or "ground truth | prediction", fontsize=9, y=1 - 0.15 / height)
     return save_figure(figure, out_path, dpi)

@@ -7,7 +7,8 @@ over seeds (:mod:`semiseg.engine.tables`) and writes, into ``out_dir``::
     report.md                         every table, figure and run, linked
     <table>.md/.csv/.json/.tex        one set per table (table1, per_class_dice_<setting>, ...)
     dice_per_class_<setting>.png      per-class Dice bars (methods side by side, std error bars)
-    overlays/<method>_<setting>_seed<seed>_<case>.png   when OverlayOptions are given
+    overlays/<method>_<setting>_seed<seed>_<case>.png   drawn when OverlayOptions are given,
+                                      else copied from the runs' overlays/ (semiseg evaluate)
 
 Everything is read and validated before the first file is written, and each file is written
 atomically, so a bad input leaves ``out_dir`` as it was.
@@ -146,6 +147,32 @@ def _load_prediction(folder: Path, case_id: str) -> np.ndarray | None:
     return None
 
 
+# Overlay PNGs of `semiseg evaluate` copied into a report, per method and setting.
+COPIED_OVERLAYS = 2
+
+
+def _evaluated_overlays(runs: list[_Run]) -> list[tuple[Path, str, str]]:
+    """(PNG written by ``semiseg evaluate``, report name, caption): the first run with
+    overlays of each (dataset, ratio, method), :data:`COPIED_OVERLAYS` cases each."""
+    chosen, drawn = [], set()
+    for run in runs:
+        info = run.result.run
+        if info is None or run.folder is None or (info.dataset, info.labeled_ratio,
+                                                  info.method) in drawn:
+            continue
+        pngs = [run.folder / "overlays" / f"{case.case_id}.png" for case in run.result.cases]
+        pngs = [png for png in pngs if png.is_file()][:COPIED_OVERLAYS]
+        if pngs:
+            drawn.add((info.dataset, info.labeled_ratio, info.method))
+        setting = setting_slug(info.dataset, info.labeled_ratio)
+        for png in pngs:
+            chosen.append((png, f"{_slug(info.method)}_{setting}_seed{info.seed}_"
+                                f"{_slug(png.stem)}.png",
+                           f"{info.method}, {setting_title(info.dataset, info.labeled_ratio)}, "
+                           f"seed {info.seed}, case {png.stem}"))
+    return chosen
+
+
 @dataclass(frozen=True)
 class _Overlay:
     name: str
@@ -240,7 +267,7 @@ def write_report(
         plot_validation_curves,
         read_validation_curve,
     )
-    from semiseg.utils.io import atomic_write_text
+    from semiseg.utils.io import atomic_write, atomic_write_text
 
     out_dir = Path(out_dir)
     runs = _collect(sources)
@@ -295,6 +322,12 @@ def write_report(
                                     slice_index=overlays.slice_index if overlays else None,
                                     title=overlay.caption))
 
+    copied = [] if overlays else _evaluated_overlays(runs)
+    for source, name, _ in copied:
+        data = source.read_bytes()
+        atomic_write(out_dir / "overlays" / name, lambda handle, data=data: handle.write(data))
+        written.append(out_dir / "overlays" / name)
+
     first = runs[0].result
     std = "population (ddof=0)" if ddof == 0 else f"ddof={ddof}"
     lines = [f"# {title}", "",
@@ -314,10 +347,12 @@ def write_report(
     if curves_name:
         lines += ["## Validation Dice during training (mean ± std over seeds; thin: each seed)",
                   "", f"![{curves_name}]({curves_name})", ""]
-    if drawings or notes:
+    if drawings or notes or copied:
         lines += ["## Overlays (left: ground truth, right: prediction)", ""]
         for o in drawings:
             lines += [f"![{o.caption}](overlays/{o.name})", ""]
+        for _, name, caption in copied:
+            lines += [f"![{caption}](overlays/{name})", ""]
         lines += [f"- {note}" for note in notes] + [""]
     lines += ["## Runs", "", *_runs_table(runs), ""]
     atomic_write_text(out_dir / "report.md", "\n".join(lines))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -15,7 +16,9 @@ from torch.utils.data import DataLoader
 from semiseg.catalog import build_method, is_semi_supervised
 from semiseg.config import Config
 from semiseg.data import layouts
+from semiseg.data.arrays import load_array
 from semiseg.data.classes import ClassSet, get_class_set
+from semiseg.data.intensity_check import intensity_profile
 from semiseg.data.phantom import generate_dataset, phantom_split
 from semiseg.data.sampling import TrainingBatches
 from semiseg.data.splits import Split, load_split, validate_split
@@ -55,31 +58,38 @@ def batch_loader(batches: TrainingBatches, start: int, stop: int, num_workers: i
     )
 
 
-def ensure_phantom(config: Config) -> Path:
+def ensure_phantom(config: Config, show_progress: bool = True) -> Path:
     """Generate the built-in phantom under ``data.root``; cases already there are kept
     (generation is resumable and refuses a folder made with other phantom parameters)."""
     root = Path(config.data.root)
     phantom = config.data.phantom
     generate_dataset(root, num_cases=phantom.num_cases, shape=phantom.shape,
                      class_set=get_class_set(phantom.class_set), seed=phantom.seed,
-                     noise_hu=phantom.noise_hu, variability=phantom.variability)
+                     noise_hu=phantom.noise_hu, variability=phantom.variability,
+                     progress=show_progress)
     return root
 
 
-def open_store(config: Config) -> tuple[ClassSet, CaseStore]:
-    """Open (and for the phantom, first generate) the prepared data of ``config``."""
+def open_store(config: Config, show_progress: bool = True) -> tuple[ClassSet, CaseStore]:
+    """Open (and for the phantom, first generate) the prepared data of ``config``.
+
+    ``data.dataset`` is ``phantom``, ``synapse``, ``amos`` (the class set is the dataset's),
+    or the name a prepared folder records (``semiseg prepare generic --name``), whose class
+    set is the recorded one."""
     data = config.data
+    named = data.dataset in ("synapse", "amos")
     if data.dataset == "phantom":
-        ensure_phantom(config)
-        class_set = get_class_set(data.phantom.class_set)
-    elif data.dataset in ("synapse", "amos"):
-        class_set = get_class_set(data.dataset)
+        ensure_phantom(config, show_progress)
+        class_set: ClassSet | None = get_class_set(data.phantom.class_set)
     else:
-        raise ConfigError(f"data.dataset: unknown dataset {data.dataset!r} (phantom|synapse|amos)")
+        class_set = get_class_set(data.dataset) if named else None
     store = layouts.open_store(Path(data.root), layout=data.layout, class_set=class_set,
                                in_memory=data.in_memory,
                                intensity=None if data.intensity == "auto" else data.intensity)
-    return class_set, store
+    if not named and store.dataset != data.dataset:
+        raise ConfigError(f"data.dataset: {data.dataset!r} is neither phantom, synapse nor "
+                          f"amos, nor the dataset {store.dataset!r} that {data.root} holds")
+    return store.class_set, store
 
 
 def open_split(config: Config, store: CaseStore) -> Split:
@@ -92,9 +102,10 @@ def open_split(config: Config, store: CaseStore) -> Split:
     return split
 
 
-def prepare_run_data(config: Config, semi_supervised: bool | None = None) -> RunData:
+def prepare_run_data(config: Config, semi_supervised: bool | None = None,
+                     show_progress: bool = True) -> RunData:
     """Open data and split, and build the iteration-indexed training batches."""
-    class_set, store = open_store(config)
+    class_set, store = open_store(config, show_progress)
     split = open_split(config, store)
     labeled = split.labeled_ids(config.data.labeled_ratio)
     unlabeled = split.unlabeled_ids(config.data.labeled_ratio)
@@ -147,3 +158,16 @@ def build_method_for(config: Config, data: RunData | None = None,
     if data is not None:
         method.observe_labeled_labels(data.store.label(case) for case in data.labeled_ids)
     return method
+
+
+def training_data_record(data: RunData) -> dict[str, Any]:
+    """What a checkpoint records about its training data, for ``semiseg predict``'s checks:
+    the dataset (``phantom`` for the synthetic one), and the intensity profile of the training
+    cases in HU (:mod:`semiseg.data.intensity_check`; only the semiseg layout stores HU)."""
+    store = data.store
+    profile = None
+    if store.layout == "semiseg":
+        profile = intensity_profile(load_array(store.entry(case).image, mmap=True)
+                                    for case in data.split.train)
+    return {"dataset": store.dataset, "layout": store.layout, "root": str(store.root),
+            "intensity_profile": None if profile is None else profile.to_dict()}

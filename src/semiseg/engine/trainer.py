@@ -8,6 +8,11 @@ written atomically to ``checkpoints/last.pt``; every ``validate_every`` iteratio
 inference network is scored on the eval cases by sliding-window Dice and the best one is kept
 as ``checkpoints/best.pt``. Logs go to ``log.csv`` and TensorBoard; progress to tqdm.
 
+One trainer at a time works in a run folder (its lock, ``state.json``, the clean-up of stray
+temporaries and the stop on SIGINT / SIGTERM are :mod:`semiseg.engine.run_folder`). A resume
+reads ``checkpoints/last.pt`` before any data is opened, so a config that does not fit the
+checkpoint is refused at once.
+
 Under ``torchrun`` the same loop runs data-parallel (:mod:`semiseg.engine.distributed`): each
 rank draws its slice of the global batch, DDP averages gradients, validation cases are split
 over the ranks, and only rank 0 writes files. With one process all of that is a no-op.
@@ -15,6 +20,7 @@ over the ranks, and only rank 0 writes files. With one process all of that is a 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -28,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from semiseg.config import Config, save_config
-from semiseg.engine import distributed, precision
+from semiseg.engine import distributed, precision, run_folder
 from semiseg.engine.checkpoint import (
     BEST,
     LAST,
@@ -46,8 +52,15 @@ from semiseg.engine.setup import (
     build_method_for,
     iterations_per_epoch,
     prepare_run_data,
+    training_data_record,
 )
-from semiseg.errors import CheckpointError, ConfigError, NumericsError
+from semiseg.errors import (
+    CheckpointError,
+    ConfigError,
+    NumericsError,
+    OutputError,
+    RunInterruptedError,
+)
 from semiseg.methods.base import Batch, Method, StepInfo
 from semiseg.utils.io import atomic_write_json
 from semiseg.utils.seed import seed_everything
@@ -78,6 +91,9 @@ class TrainResult:
     iterations: int
     best_score: float
     best_iteration: int
+    max_iterations: int = 0
+    seconds: float = 0.0  # wall time of this fit() call, data preparation included
+    validated: bool = True  # False: no validation ran, best.pt holds the final weights
 
 
 class Trainer:
@@ -110,7 +126,8 @@ class Trainer:
         precision.configure_tf32(train.amp, self.device)
         # Rank 0 first: it may generate the phantom, which the others then only read.
         with distributed.main_process_first(self.dist):
-            self.data: RunData = prepare_run_data(cfg)
+            self.data: RunData = prepare_run_data(cfg, show_progress=self.show_progress)
+        self.training_data = training_data_record(self.data)
         if self.dist.is_distributed:
             batches = self.data.batches
             self.data.batches = batches.shard(self.dist.rank, self.dist.world_size)
@@ -147,6 +164,7 @@ class Trainer:
             # Own dropout masks and noise per rank (rank 0 keeps the single-process stream).
             distributed.seed_rank(cfg.experiment.seed, self.dist.rank)
         self.iteration = 0
+        self.checkpoint_iteration: int | None = None
         self.best_score = -math.inf
         self.best_iteration = -1
 
@@ -172,6 +190,8 @@ class Trainer:
             # How the training arrays were made, so `semiseg predict` prepares new scans alike.
             "preprocessing": self.data.store.preprocessing,
             "intensity": self.data.store.intensity,
+            # Where the weights come from, so `semiseg predict` can warn about unlike inputs.
+            "training_data": self.training_data,
         }
 
     def _save(self, path: Path) -> None:
@@ -182,18 +202,35 @@ class Trainer:
         payload = self._checkpoint_payload()
         if self.dist.is_main:
             save_checkpoint(path, payload)
+        if path.name == LAST:
+            self.checkpoint_iteration = self.iteration
 
-    def _restore(self, path: Path) -> None:
-        payload = load_checkpoint(path, map_location=self.device)
-        if payload.get("method_name") != self.config.method.name:
-            raise CheckpointError(
-                f"{path}: written by method {payload.get('method_name')!r}, "
-                f"cannot resume it as {self.config.method.name!r}"
-            )
-        self.method.load_state_dict(payload["method"])
+    def _resumable(self) -> dict[str, Any] | None:
+        """The checkpoint to resume (read before any data is opened), or None for a new run;
+        refuses a new run over an old one and a resume whose config does not fit."""
+        last = self.run_dir / "checkpoints" / LAST
+        if not self.resume:
+            if last.exists():
+                raise CheckpointError(f"{self.run_dir} already holds a run; pass --resume to "
+                                      "continue it or choose another --out folder")
+            return None
+        if not last.exists():
+            raise CheckpointError(f"{last}: nothing to resume (no checkpoint in {self.run_dir})")
+        payload = load_checkpoint(last)
+        run_folder.check_resumable(payload.get("config") or {}, self.config.to_dict(), last)
+        return payload
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        try:
+            self.method.load_state_dict(payload["method"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise CheckpointError(f"{self.run_dir / 'checkpoints' / LAST}: the weights do not "
+                                  f"fit the configured method ({first})") from None
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scaler.load_state_dict(payload["scaler"])
         self.iteration = int(payload["iteration"])
+        self.checkpoint_iteration = self.iteration
         self.best_score = float(payload["best_score"])
         self.best_iteration = int(payload["best_iteration"])
         per_rank = payload.get("rng_per_rank")
@@ -303,26 +340,29 @@ class Trainer:
         return result.to_dict()
 
     def fit(self) -> TrainResult:
-        try:
-            self._setup()
-            return self._fit()
-        finally:
-            if hasattr(self, "dist"):
-                distributed.teardown(self.dist)
+        started = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            if distributed.is_main_process():  # rank 0 alone writes, so it alone locks
+                stack.enter_context(run_folder.training_lock(self.run_dir))
+            # Held as an attribute so that _fit can drop the only reference once restored.
+            self._resume_payload = self._resumable()
+            try:
+                self._setup()
+                result = self._fit()
+            finally:
+                if hasattr(self, "dist"):
+                    distributed.teardown(self.dist)
+        result.seconds = time.perf_counter() - started
+        return result
 
     def _fit(self) -> TrainResult:
         main = self.dist.is_main
         ckpt_dir = self.run_dir / "checkpoints"
         last = ckpt_dir / LAST
-        if self.resume and last.exists():
-            self._restore(last)
-        elif self.resume:
-            raise CheckpointError(f"{last}: nothing to resume (no checkpoint in {self.run_dir})")
-        elif last.exists():
-            raise CheckpointError(
-                f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
-                "another --run-dir"
-            )
+        payload, self._resume_payload = self._resume_payload, None
+        if payload is not None:
+            self._restore(payload)
+            del payload  # the weights are in the method now; free the copy
         if main:  # rank 0 alone writes files
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / "config.yaml")
@@ -334,6 +374,9 @@ class Trainer:
         bar = tqdm(total=train.max_iterations, initial=self.iteration,
                    disable=not (self.show_progress and main),
                    desc=f"train {self.config.method.name}", dynamic_ncols=True)
+        # Several processes must stop together; there, a signal keeps its default meaning.
+        # Installed before "running" is announced: a signal from then on is handled.
+        signals = run_folder.StopSignals(enabled=not self.dist.is_distributed).install()
         self._write_state("running")
         timer, timed = time.perf_counter(), 0
         try:
@@ -363,26 +406,52 @@ class Trainer:
                     timer += time.perf_counter() - validation_started
                 if logs and logger is not None:
                     logger.log(self.iteration, logs)
-                if self.iteration % train.checkpoint_every == 0 or done:
+                saved = self.iteration % train.checkpoint_every == 0 or done
+                if saved:
                     self._save(last)
+                if signals.received is not None and not done:
+                    self._stop_on_signal(signals, saved)
+                if logs or saved:
+                    self._write_state("running")  # state.json follows the log and checkpoints
                 if self.stop_after is not None and self.iteration >= self.stop_after:
                     break
-        except NumericsError:
-            self._write_state("failed")
+        except KeyboardInterrupt:
+            # A second signal (or one before the loop could react): what last.pt holds stays.
+            self._write_state("interrupted")
+            raise
+        except RunInterruptedError:
+            raise
+        except Exception as exc:
+            self._write_state_if_possible("failed", f"{type(exc).__name__}: {exc}")
             raise
         finally:
+            signals.restore()
             bar.close()
             if logger is not None:
                 logger.close()
         finished = self.iteration >= train.max_iterations
-        if finished and self.best_iteration < 0:
+        validated = self.best_iteration >= 0
+        if finished and not validated:
             # No validation configured: the final weights are the ones to evaluate.
             self._save(ckpt_dir / BEST)
             self.best_iteration = self.iteration
         self._write_state("finished" if finished else "stopped")
         # Nobody leaves (and possibly resumes) before rank 0 has written everything.
         distributed.barrier(self.dist)
-        return TrainResult(self.run_dir, self.iteration, self.best_score, self.best_iteration)
+        return TrainResult(self.run_dir, self.iteration, self.best_score, self.best_iteration,
+                           train.max_iterations, validated=validated)
+
+    def _stop_on_signal(self, signals: run_folder.StopSignals, saved: bool) -> None:
+        """Save what a resume needs (unless this iteration's checkpoint just did), record an
+        honest state, and end the run with the command that continues it."""
+        last = self.run_dir / "checkpoints" / LAST
+        if not saved:
+            self._save(last)
+        self._write_state("interrupted")
+        raise RunInterruptedError(
+            f"stopped by {signals.name} after iteration {self.iteration}/"
+            f"{self.config.train.max_iterations}, saved in {last}", signals.exit_code,
+            f"semiseg train --out {self.run_dir} --resume")
 
     def _validate_and_keep_best(self, ckpt_dir: Path) -> dict[str, float]:
         """Score the eval cases, keep the best checkpoint; returns the values to log."""
@@ -396,13 +465,17 @@ class Trainer:
             self._save(ckpt_dir / BEST)
         return {"val/dice": score * 100.0}
 
-    def _write_state(self, status: str) -> None:
+    def _write_state(self, status: str, error: str | None = None) -> None:
         if not self.dist.is_main:
             return
-        atomic_write_json(self.run_dir / "state.json", {
-            "status": status,
-            "iteration": self.iteration,
-            "max_iterations": self.config.train.max_iterations,
-            "best_score": None if self.best_iteration < 0 else self.best_score,
-            "best_iteration": self.best_iteration,
-        })
+        run_folder.write_state(
+            self.run_dir, status, iteration=self.iteration,
+            max_iterations=self.config.train.max_iterations,
+            checkpoint_iteration=self.checkpoint_iteration, best_score=self.best_score,
+            best_iteration=self.best_iteration, error=error)
+
+    def _write_state_if_possible(self, status: str, error: str) -> None:
+        """Record a failure; when even that write fails (a full disk), the original error is
+        the one to report."""
+        with contextlib.suppress(OutputError):
+            self._write_state(status, error)

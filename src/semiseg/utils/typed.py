@@ -12,6 +12,8 @@ are read this way. Every error names the dotted key (``train.lr``, ``cases[1].cl
   ``path: key 'run.method' must be a string, got 3``, unknown keys ignored.
 
 Conversion is lossless only: int -> float, list -> tuple; ``bool`` never passes for a number.
+A float may also be written in scientific notation without a dot (``5e-2``), which YAML 1.1
+(PyYAML) reads as a string: such a string is accepted where a float is expected.
 :func:`to_plain` is the way back (dataclasses, tuples, paths, NumPy values -> YAML/JSON values).
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -138,7 +141,14 @@ _SCALARS: dict[type, tuple[tuple[type, ...], str]] = {
 }
 
 
+# A number with an exponent, as YAML 1.2 and Python read it but YAML 1.1 does not: PyYAML's
+# float needs a dot and a signed exponent, so ``5e-2`` and ``1.0e3`` arrive as strings.
+_SCIENTIFIC = re.compile(r"[-+]?(\d[\d_]*(\.[\d_]*)?|\.\d[\d_]*)[eE][-+]?\d+")
+
+
 def _coerce_scalar(value: Any, tp: Any, where: str, messages: Messages) -> Any:
+    if tp is float and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        return float(value.strip().replace("_", ""))
     if tp in _SCALARS:
         kinds, noun = _SCALARS[tp]
         if (isinstance(value, bool) and tp is not bool) or not isinstance(value, kinds):
