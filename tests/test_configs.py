@@ -15,8 +15,7 @@ CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml")
 GRIDS = sorted((REPO / "configs").rglob("grid*.yaml"))
 
 
-@pytest.mark.parametrize("path", [*CONFIGS, REPO / "src/semiseg/configs/demo.yaml"],
-                         ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_config_validates(path: Path) -> None:
     config = load_config(path)
     get_model_factory(config.model.name)
@@ -40,3 +39,17 @@ def test_table_rows_cover_every_host_and_ratio() -> None:
 @pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
 def test_grids_validate(path: Path) -> None:
     assert grid_cells(load_grid(path))
+
+
+def test_the_demo_is_a_two_row_grid_of_valid_configs(tmp_path: Path) -> None:
+    from semiseg.engine.demo import BASELINE, demo_grid
+
+    grid = load_grid(demo_grid(tmp_path, overrides=["train.max_iterations=7"]))
+    cells = grid_cells(grid)
+    assert [c.row for c in cells] == [BASELINE, "scdl_ga_cps"]
+    for cell in cells:
+        parse_method_options(cell.config.method.name, dict(cell.config.method.options))
+        assert cell.config.train.max_iterations == 7  # overrides reach every row
+        assert cell.config.data.root == str(tmp_path / "data")
+        assert cell.run_dir == tmp_path / "runs" / cell.row / "seed0"
+    assert cells[0].config.method.name == "supervised"

@@ -1,72 +1,120 @@
-"""``semiseg demo``: phantom -> train -> predict -> per-class table, in one folder.
+"""``semiseg demo``: semiseg in miniature, in one folder.
 
-Re-running the demo continues an interrupted run and skips a finished one, so ``make demo``
-is cheap the second time.
+The packaged demo config (``configs/demo.yaml``) names a shared run config and its rows: the
+labelled-only lower bound and SCDL on GA-CPS. They are written as a two-row experiment grid
+(:mod:`semiseg.engine.experiment`) and trained side by side by two single-threaded processes
+(one of them this one), each cell evaluated on the test cases (NIfTI predictions, overlays);
+then one report folder gets the per-class tables, the paired comparison against the lower
+bound, the overlays and the validation curves.
+
+Re-running the demo continues interrupted runs and skips finished ones, so ``make demo`` is
+cheap the second time.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import subprocess
+import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-from semiseg.config import Config, load_config_dict, merge, parse_override
-from semiseg.engine.metrics_file import METRICS_FILENAME
-from semiseg.engine.runs import evaluate_run
-from semiseg.engine.trainer import Trainer
-from semiseg.utils.typed import build_dataclass
+import torch
+import yaml
+
+from semiseg.config import load_config_dict, merge, parse_override
+from semiseg.engine.experiment import grid_cells, load_grid, run_grid
+from semiseg.errors import ConfigError
+from semiseg.utils.io import atomic_write_text
+
+BASELINE = "vnet_lower"
 
 
-def demo_config(out: Path, config_path: Path | None = None,
-                overrides: list[str] | None = None) -> Config:
-    """The packaged demo config with its paths pointed into ``out``."""
+def demo_grid(out: Path, config_path: Path | None = None,
+              overrides: list[str] | None = None) -> Path:
+    """Write the demo's grid (and its row configs) into ``out``; returns the grid file.
+
+    ``config_path`` replaces the packaged demo config; ``overrides`` (``key=value``) apply to
+    every row.
+    """
     if config_path is None:
         config_path = Path(str(resources.files("semiseg") / "configs" / "demo.yaml"))
     data = load_config_dict(config_path)
-    data = merge(data, {
-        "data": {"root": str(out / "data")},
-    })
+    rows = data.pop("rows", None)
+    if not isinstance(rows, dict) or not rows:
+        raise ConfigError(f"{config_path}: a demo config needs rows: (a name -> config part "
+                          "per row)")
+    data = merge(data, {"data": {"root": str(out / "data")}})
     for override in overrides or []:
         data = merge(data, parse_override(override))
-    return build_dataclass(Config, data)
+    folder = out / "configs"
+    entries: list[dict[str, Any]] = []
+    for name, part in rows.items():
+        row_file = folder / f"{name}.yaml"
+        atomic_write_text(row_file, yaml.safe_dump(merge(data, part or {}), sort_keys=False))
+        entries.append({"name": str(name), "config": str(row_file)})
+    grid = {"name": "demo", "output_dir": str(out / "runs"), "seeds": [0], "rows": entries}
+    grid_file = out / "grid.yaml"
+    atomic_write_text(grid_file, yaml.safe_dump(grid, sort_keys=False))
+    return grid_file
 
 
-def _state(run_dir: Path) -> str | None:
-    path = run_dir / "state.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text(encoding="utf-8")).get("status")
-
-
-def run_demo(out: Path, config_path: Path | None = None,
-             overrides: list[str] | None = None, show_progress: bool = True) -> Path:
-    """Run the whole demo in ``out`` and print the table; returns the run folder."""
+def run_demo(out: Path, config_path: Path | None = None, overrides: list[str] | None = None,
+             show_progress: bool = True, device: str | None = None) -> Path:
+    """Run the whole demo in ``out``, print the table; returns the report folder."""
     from semiseg.engine.report import write_report
 
     out = Path(out)
-    config = demo_config(out, config_path, overrides)
-    run_dir = out / "run"
     started = time.perf_counter()
-    status = _state(run_dir)
-    if status == "finished":
-        print(f"[demo] training already finished in {run_dir}; skipping to evaluation")
-    else:
-        print(f"[demo] phantom data in {config.data.root}; training {config.method.name} "
-              f"({config.train.max_iterations} iterations, "
-              f"{config.data.labeled_ratio:.0%} labeled) in {run_dir}")
-        Trainer(config, run_dir, resume=status is not None, show_progress=show_progress).fit()
-    print("[demo] predicting and scoring the test cases")
-    result = evaluate_run(run_dir, save_predictions=True, show_progress=show_progress)
-    write_report([run_dir], out / "report")
+    grid_file = demo_grid(out, config_path, overrides)
+    grid = load_grid(grid_file)
+    cells = grid_cells(grid)
+    first = cells[0].config
+    print(f"[demo] phantom data in {first.data.root}; training {', '.join(c.row for c in cells)}"
+          f" side by side ({first.train.max_iterations} iterations, "
+          f"{first.data.labeled_ratio:.0%} labelled) in {grid.output_dir}")
+    # A second single-threaded process takes the cells this one does not (they claim cells
+    # with file locks), so the two rows train at once on a 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    helper = _second_process(grid_file, device)
+    try:
+        run_grid(grid, show_progress=False, device=device)
+    finally:
+        if helper.wait() != 0:
+            print(f"[demo] the second process ended with status {helper.returncode}; "
+                  f"its cells are in {grid.output_dir}", file=sys.stderr)
+        torch.set_num_threads(threads)
+    run_grid(grid, show_progress=False, device=device)  # anything it left unfinished
+    report = out / "report"
+    write_report([c.run_dir for c in cells], report, paired=BASELINE)
     print()
-    print(result.to_markdown())
-    print()
+    print((report / f"per_class_dice_{_slug(first)}.md").read_text(encoding="utf-8"))
     minutes = (time.perf_counter() - started) / 60
-    print(f"[demo] done in {minutes:.1f} min. Everything is in {out}:")
-    print(f"  checkpoints   {run_dir / 'checkpoints'}")
-    print(f"  predictions   {run_dir / 'predictions'}  (NIfTI, open with the phantom images)")
-    print(f"  metrics       {run_dir / METRICS_FILENAME}")
-    print(f"  tables/plots  {out / 'report'}")
-    print(f"  logs          {run_dir / 'log.csv'}, tensorboard --logdir {run_dir / 'tensorboard'}")
-    return run_dir
+    print(f"[demo] done in {minutes:.1f} min. A taste, not a comparison: one seed, 500 "
+          "iterations, nothing converged; the protocol of configs/compare/ compares methods "
+          "(docs/results.md).")
+    print(f"  report        {report / 'report.md'} (tables, paired differences, overlays, "
+          "curves)")
+    for cell in cells:
+        print(f"  {cell.row:<13} {cell.run_dir} (checkpoints, predictions/*.nii.gz, "
+              "overlays/*.png, log.csv)")
+    print(f"  tensorboard   tensorboard --logdir {grid.output_dir}")
+    return report
+
+
+def _slug(config: Any) -> str:
+    from semiseg.engine.tables import setting_slug
+
+    return setting_slug(config.data.dataset, config.data.labeled_ratio)
+
+
+def _second_process(grid_file: Path, device: str | None) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "semiseg", "experiment", "run", str(grid_file),
+               "--no-progress"]
+    if device:
+        command += ["--device", device]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
