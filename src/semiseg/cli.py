@@ -48,17 +48,24 @@ def _add_convert_checkpoint(sub: argparse._SubParsersAction) -> None:
     convert = sub.add_parser(
         "convert-checkpoint", help="official weights -> a state dict create_model loads",
         description="Rename the keys of an official checkpoint (GALoss/DHC VNet, GALoss/MagicNet "
-        "VNet_Magic) to semiseg's modules. The output loads with "
-        "create_model(NAME, num_classes).load_state_dict(torch.load(OUT)) and gives the same "
+        "VNet_Magic, TAK, the SCDL inference networks) to semiseg's modules. The output loads "
+        "with create_model(NAME, num_classes).load_state_dict(torch.load(OUT)) (scdl-synapse-"
+        "magicnet: official_scdl_network(...), the command prints the call) and gives the same "
         "logits as the official network.")
     convert.add_argument("--from", dest="kind", required=True,
-                         choices=["galoss-vnet", "dhc-vnet", "galoss-magicnet", "tak"],
+                         choices=["galoss-vnet", "dhc-vnet", "galoss-magicnet", "tak",
+                                  "scdl-synapse-magicnet", "scdl-amos-magicnet",
+                                  "scdl-synapse-cps", "scdl-amos-cps"],
                          help="which official code wrote the checkpoint")
     convert.add_argument("input", type=Path, help="official .pth file")
     add_out(convert, "converted state dict (.pt) to write")
     convert.add_argument("output", type=Path, nargs="?", default=None,
                          help="the same as --out (the older spelling)")
-    convert.add_argument("--which", help="network of a multi-network checkpoint (DHC: A or B)")
+    convert.add_argument("--which", help="network of a multi-network checkpoint (DHC, CPS: A or "
+                         "B; the official SCDL CPS files hold one network each)")
+    convert.add_argument("--eprl", type=Path, default=None,
+                         help="scdl-synapse-magicnet only: the SCDL module's file when IN holds "
+                         "the network only (the official script's --eprl_path)")
     convert.add_argument("--text-embeddings", type=Path, default=None,
                          help="tak only: embedding file to store in the converted state dict "
                          "(e.g. the authors' amos_embedding_shape_location.pth)")
@@ -338,10 +345,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if (args.out is None) == (args.output is None):
         raise SemisegError("name the converted file once: --out OUT")
     args.output = writable_file(args.out or args.output)
-    state = read_official_checkpoint(args.input, args.kind, args.which, args.text_embeddings)
+    state = read_official_checkpoint(args.input, args.kind, args.which, args.text_embeddings,
+                                     args.eprl)
     atomic_torch_save(state, args.output)
     model, options = converted_model(state, args.kind)
     listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    if args.kind == "scdl-synapse-magicnet":
+        # The network carries the SCDL plug-in's module: its builder attaches it.
+        width = int(state["injector.cdba.proxy_mean"].shape[1])
+        listed += f", embedding_dim={width}" if width != 256 else ""
+        print(f"{args.output}: {len(state)} tensors; load with semiseg.plugins.scdl.official."
+              f"official_scdl_network({args.kind!r}, {listed}) (eval mode: the official "
+              "inference network)")
+        return 0
     # A converted TAK network without its embeddings keeps those it is built with.
     hint = ", text_embeddings=E" if args.kind == "tak" and "text_embeddings" not in state else ""
     print(f"{args.output}: {len(state)} tensors; load with create_model({model!r}, {listed}{hint})")

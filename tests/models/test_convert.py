@@ -46,7 +46,11 @@ def test_key_tables() -> None:
         "fc_layer.fc_layer.1.num_batches_tracked": "location_head.1.num_batches_tracked",
         "fc_layer.fc_layer.3.bias": "location_head.3.bias",
     }
-    for kind, table in (("galoss-vnet", vnet), ("dhc-vnet", vnet), ("galoss-magicnet", magic)):
+    kinds = (("galoss-vnet", vnet), ("dhc-vnet", vnet), ("galoss-magicnet", magic),
+             # SCDL's networks are GALoss's (Zyh55555/SCDL networks/vnet.py, magicnet.py).
+             ("scdl-synapse-cps", vnet), ("scdl-amos-cps", vnet), ("scdl-amos-magicnet", magic),
+             ("scdl-synapse-magicnet", magic))
+    for kind, table in kinds:
         for official, ours in table.items():
             assert official_to_semiseg_key(official, kind) == ours
             assert semiseg_to_official_key(ours, kind) == official
@@ -71,6 +75,10 @@ def test_full_official_key_sets() -> None:
     ("dhc-vnet", "vnet", {"n_filters": 4, "has_dropout": True}),
     ("galoss-magicnet", "magicnet", {"n_filters": 4, "cube_size": 32, "patch_size": 64,
                                      "location_hidden": 8}),
+    ("scdl-synapse-cps", "vnet", {"n_filters": 4}),
+    ("scdl-amos-cps", "vnet", {"n_filters": 4}),
+    ("scdl-amos-magicnet", "magicnet", {"n_filters": 4, "cube_size": 32, "patch_size": 64,
+                                        "location_hidden": 8}),
 ])
 def test_converted_weights_load_strictly_and_give_identical_logits(kind: str, name: str,
                                                                    options: dict) -> None:
@@ -130,3 +138,60 @@ def test_errors_list_unexpected_and_missing_keys() -> None:
                                    location_hidden=4).state_dict(), "galoss-magicnet")
     with pytest.raises(CheckpointError, match="not a galoss-vnet checkpoint"):
         convert_official_state_dict(magic, "galoss-vnet")
+
+
+def _scdl_amos_official(state: dict, prefix: str = "") -> dict:
+    """An official VNet_Magic_SCDL_Prior5 state dict: VNet_Magic's entries plus the modules the
+    test network never calls (Zyh55555/SCDL networks/magicnet_SCDL_prior5.py: prior_proj5
+    512 -> 16 F; its Decoder's p12 ... p96, 256 -> 8F ... F)."""
+    official = _official(state, "galoss-magicnet", prefix)
+    f = state["out_conv.weight"].shape[1]
+    official[prefix + "prior_proj5.weight"] = torch.randn(16 * f, 512, 1, 1, 1)
+    for size, channels in ((12, 8 * f), (24, 4 * f), (48, 2 * f), (96, f)):
+        official[f"{prefix}decoder.p{size}.weight"] = torch.randn(channels, 256, 1, 1, 1)
+    return official
+
+
+def test_scdl_amos_magicnet_drops_the_unused_priors() -> None:
+    options = {"n_filters": 4, "cube_size": 32, "patch_size": 64, "location_hidden": 8}
+    torch.manual_seed(0)
+    source = create_model("magicnet", 16, **options)
+    official = _scdl_amos_official(source.state_dict(), prefix="module.")
+    assert len(official) == 69 + 5  # as the official network (SCDL at commit 31e6d6e)
+    converted = convert_official_state_dict(official, "scdl-amos-magicnet")
+    assert set(converted) == set(source.state_dict())
+    for key, value in source.state_dict().items():
+        assert torch.equal(converted[key], value), key
+    target = create_model("magicnet", 16, **options)
+    target.load_state_dict(converted, strict=True)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(target.eval()(x), source.eval()(x))
+    # The dropped modules are optional (only the test network's modules are required) ...
+    plain = _official(source.state_dict(), "galoss-magicnet")
+    assert set(convert_official_state_dict(plain, "scdl-amos-magicnet")) == set(converted)
+    # ... and belong to this kind only.
+    with pytest.raises(CheckpointError, match=r"5 unexpected key\(s\) \['module.prior_proj5"):
+        convert_official_state_dict(official, "galoss-magicnet")
+
+
+def test_scdl_cps_files_one_network_each_or_both(tmp_path: Path) -> None:
+    a = _official(create_model("vnet", 16, n_filters=2).state_dict(), "scdl-amos-cps")
+    b = {k: v + 1 if v.is_floating_point() else v for k, v in a.items()}
+    for which, state in (("A", a), ("B", b)):  # the official _A.pth / _B.pth
+        torch.save(state, tmp_path / f"iter_16000_best_{which}.pth")
+        converted = read_official_checkpoint(tmp_path / f"iter_16000_best_{which}.pth",
+                                             "scdl-amos-cps")
+        assert torch.equal(converted["decoder.block_nine.conv.0.weight"],
+                           state["block_nine.conv.0.weight"])
+    with pytest.raises(CheckpointError, match=r"several networks \['A', 'B'\]"):
+        convert_official_state_dict({"A": a, "B": b}, "scdl-synapse-cps")
+    both = convert_official_state_dict({"A": a, "B": b}, "scdl-synapse-cps", which="B")
+    assert torch.equal(both["out_conv.bias"], b["out_conv.bias"])
+    with pytest.raises(CheckpointError, match="eprl.*scdl-synapse-magicnet checkpoints only"):
+        convert_official_state_dict(a, "scdl-synapse-cps", eprl={"proxies": torch.zeros(2, 2)})
+    # A MagicNet file is not a CPS network.
+    magic = _scdl_amos_official(create_model("magicnet", 2, n_filters=2, cube_size=32,
+                                             patch_size=32, location_hidden=4).state_dict())
+    with pytest.raises(CheckpointError, match="not a scdl-amos-cps checkpoint"):
+        convert_official_state_dict(magic, "scdl-amos-cps")

@@ -15,6 +15,9 @@ DHC ``code/models/vnet.py``, TAK-Semi ``VNet_Magic_CLIP_2p_Contrast``):
   ``fc_layer.fc_layer.{0,1,3}`` -> ``location_head.{0,1,3}``.
 * ``tak``: TAK's text-driven VNet_Magic (:mod:`semiseg.models.convert_tak`); optionally with
   the class text embeddings it was built with (``text_embeddings``).
+* ``scdl-synapse-magicnet``, ``scdl-amos-magicnet``, ``scdl-synapse-cps``, ``scdl-amos-cps``:
+  the official SCDL inference networks (:mod:`semiseg.models.convert_scdl`): the MagicNet or VNet
+  table above plus, for Synapse MagicNet, the SCDL module (``eprl``) and its head projection.
 
 Wrapper prefixes (``module.`` from DataParallel, ``_orig_mod.`` from ``torch.compile``) are
 stripped, and a checkpoint dict that wraps the state dict (``{"state_dict": ...}``, DHC's
@@ -33,6 +36,16 @@ import torch
 from torch import Tensor, nn
 
 from semiseg.errors import CheckpointError
+from semiseg.models.convert_scdl import (
+    BASE_KINDS,
+    CDBA_OFFICIAL_NAMES,
+    SCDL_KINDS,
+    SYNAPSE_MAGICNET,
+    convert_scdl_module,
+    scdl_network_key,
+    split_synapse_checkpoint,
+    without_dropped,
+)
 from semiseg.models.convert_tak import (
     convert_tak_state_dict,
     read_text_embeddings,
@@ -47,8 +60,8 @@ from semiseg.models.official_state import (
     unwrap_state_dict,
 )
 
-KINDS = ("galoss-vnet", "dhc-vnet", "galoss-magicnet", "tak")
-_VNET_KINDS = ("galoss-vnet", "dhc-vnet", "galoss-magicnet")
+KINDS = ("galoss-vnet", "dhc-vnet", "galoss-magicnet", "tak", *SCDL_KINDS)
+_VNET_KINDS = ("galoss-vnet", "dhc-vnet", "galoss-magicnet", *SCDL_KINDS)
 _MAGIC_HEAD = "fc_layer.fc_layer."
 _OUR_HEAD = "location_head."
 
@@ -60,9 +73,10 @@ def _check_kind(kind: str, kinds: tuple[str, ...] = KINDS) -> None:
 
 def official_to_semiseg_key(key: str, kind: str) -> str | None:
     """Our name for official key ``key`` (prefix-free), or None when it has no counterpart
-    (VNet and VNet_Magic kinds; TAK's table is :func:`semiseg.models.convert_tak.
-    official_tak_key`)."""
+    (VNet and VNet_Magic kinds, SCDL's by their base kind; TAK's table is
+    :func:`semiseg.models.convert_tak.official_tak_key`)."""
     _check_kind(kind, _VNET_KINDS)
+    kind = BASE_KINDS.get(kind, kind)
     if kind in ("galoss-vnet", "dhc-vnet"):
         block = key.split(".", 1)[0]
         if block in ENCODER_BLOCKS:
@@ -85,6 +99,7 @@ def official_to_semiseg_key(key: str, kind: str) -> str | None:
 def semiseg_to_official_key(key: str, kind: str) -> str | None:
     """The official name of our key ``key`` (the inverse of :func:`official_to_semiseg_key`)."""
     _check_kind(kind, _VNET_KINDS)
+    kind = BASE_KINDS.get(kind, kind)
     if kind in ("galoss-vnet", "dhc-vnet"):
         head, _, rest = key.partition(".")
         if head in ("encoder", "decoder"):
@@ -103,11 +118,13 @@ def semiseg_to_official_key(key: str, kind: str) -> str | None:
 
 
 def _reference_keys(kind: str, converted: Mapping[str, Tensor]) -> list[str]:
-    """The keys our network of this kind has (built on the meta device: names only)."""
+    """The keys our network of this kind has (built on the meta device: names only; the CDBA
+    of ``scdl-synapse-magicnet`` lives in the SCDL plug-in and is listed by name)."""
     from semiseg.models.registry import create_model
 
+    extra = list(CDBA_OFFICIAL_NAMES) if kind == SYNAPSE_MAGICNET else []
     with torch.device("meta"):
-        if kind == "galoss-magicnet":
+        if BASE_KINDS.get(kind, kind) == "galoss-magicnet":
             reference: nn.Module = create_model("magicnet", num_classes=2)
         else:
             # The official VNets are batch-norm; a checkpoint without BN entries was trained
@@ -115,41 +132,59 @@ def _reference_keys(kind: str, converted: Mapping[str, Tensor]) -> list[str]:
             has_bn = any(k.endswith("running_mean") for k in converted)
             reference = create_model("vnet", num_classes=2,
                                      normalization="batchnorm" if has_bn else "none")
-    return list(reference.state_dict())
+    return list(reference.state_dict()) + extra
+
+
+def _official_name(key: str, kind: str) -> str:
+    return CDBA_OFFICIAL_NAMES.get(key) or semiseg_to_official_key(key, kind) or key
 
 
 def convert_official_state_dict(checkpoint: Any, kind: str, which: str | None = None,
-                                text_embeddings: Tensor | None = None) -> dict[str, Tensor]:
+                                text_embeddings: Tensor | None = None,
+                                eprl: Any = None) -> dict[str, Tensor]:
     """Rename an official checkpoint's keys to semiseg's (see the module docstring).
 
     ``checkpoint`` is a state dict or a dict wrapping one; ``which`` selects an entry of a
-    multi-network checkpoint (DHC: "A" or "B"); ``text_embeddings`` (``tak`` only) are
+    multi-network checkpoint (DHC, CPS: "A" or "B"); ``text_embeddings`` (``tak`` only) are
     included in the converted dict (see :func:`semiseg.models.convert_tak.
-    convert_tak_state_dict`). Raises :class:`CheckpointError` naming every unexpected key (no
-    semiseg counterpart) and every missing key.
+    convert_tak_state_dict`). ``scdl-synapse-magicnet`` takes the official combined
+    ``{"model": ..., "eprl": ...}`` checkpoint, or the network's state with the SCDL module's
+    given as ``eprl`` (a state dict or a dict wrapping one). Raises :class:`CheckpointError`
+    naming every unexpected key (no semiseg counterpart) and every missing key.
     """
     _check_kind(kind)
     if kind == "tak":
         return convert_tak_state_dict(unwrap_state_dict(checkpoint, which), text_embeddings)
     if text_embeddings is not None:
         raise CheckpointError(f"text embeddings apply to tak checkpoints only, not {kind}")
-    state = unwrap_state_dict(checkpoint, which)
+    if eprl is not None and kind != SYNAPSE_MAGICNET:
+        raise CheckpointError(f"a separate SCDL module (eprl) applies to {SYNAPSE_MAGICNET} "
+                              f"checkpoints only, not {kind}")
+    scdl: dict[str, Tensor] = {}
+    unexpected: list[str] = []
+    if kind == SYNAPSE_MAGICNET:
+        state, module = split_synapse_checkpoint(checkpoint, which, eprl)
+        scdl, unexpected = convert_scdl_module(module)
+    else:
+        state = unwrap_state_dict(checkpoint, which)
 
     def key_map(key: str) -> tuple[str, bool] | None:
-        ours = official_to_semiseg_key(key, kind)
+        ours = official_to_semiseg_key(key, kind) or scdl_network_key(key, kind)
         return None if ours is None else (ours, False)
 
-    converted, unexpected = rename_state_dict(state, kind, key_map)
+    converted, unexpected_network = rename_state_dict(without_dropped(state, kind), kind,
+                                                      key_map)
+    converted.update(scdl)
     expected = _reference_keys(kind, converted)
-    check_complete(kind, unexpected, [semiseg_to_official_key(k, kind) or k
-                                      for k in expected if k not in converted])
+    missing = dict.fromkeys(_official_name(k, kind) for k in expected if k not in converted)
+    check_complete(kind, unexpected_network + unexpected, missing)
     return converted
 
 
 def load_official_state_dict(network: nn.Module, checkpoint: Any, kind: str,
-                             which: str | None = None) -> nn.Module:
+                             which: str | None = None, eprl: Any = None) -> nn.Module:
     """Convert ``checkpoint`` and load it into ``network`` strictly (shapes included)."""
-    converted = convert_official_state_dict(checkpoint, kind, which)
+    converted = convert_official_state_dict(checkpoint, kind, which, eprl=eprl)
     try:
         network.load_state_dict(converted, strict=True)
     except RuntimeError as exc:  # shape or name mismatch: number of classes, filters, ...
@@ -160,25 +195,32 @@ def load_official_state_dict(network: nn.Module, checkpoint: Any, kind: str,
 
 
 def read_official_checkpoint(path: str | Path, kind: str, which: str | None = None,
-                             text_embeddings: str | Path | Tensor | None = None
+                             text_embeddings: str | Path | Tensor | None = None,
+                             eprl: str | Path | Mapping[str, Any] | None = None
                              ) -> dict[str, Tensor]:
     """Read an official ``.pth`` file and return its converted state dict (``tak``: with the
-    embeddings of ``text_embeddings``, a tensor or an embedding file, when given)."""
+    embeddings of ``text_embeddings``, a tensor or an embedding file, when given;
+    ``scdl-synapse-magicnet``: with the SCDL module of ``eprl``, a file or a state dict, when
+    the file holds the network only)."""
     path = Path(path)
     payload = load_official_file(path)
     embeddings = read_text_embeddings(text_embeddings)
+    if isinstance(eprl, (str, Path)):
+        eprl = load_official_file(Path(eprl))
     try:
-        return convert_official_state_dict(payload, kind, which, embeddings)
+        return convert_official_state_dict(payload, kind, which, embeddings, eprl)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
 
 
 def converted_model(state: Mapping[str, Tensor], kind: str) -> tuple[str, dict[str, Any]]:
     """``(model name, create_model options)`` that a converted state dict of ``kind`` loads
-    into (``tak``: without the text embeddings unless the dict holds them)."""
+    into (``tak``: without the text embeddings unless the dict holds them;
+    ``scdl-synapse-magicnet``: the network that carries the SCDL injector, which
+    :func:`semiseg.plugins.scdl.official.official_scdl_network` attaches)."""
     _check_kind(kind)
     if kind == "tak":
         return "tak", tak_model_options(state)
     head = state["out_conv.weight"]
-    model = "magicnet" if kind == "galoss-magicnet" else "vnet"
+    model = "magicnet" if BASE_KINDS.get(kind, kind) == "galoss-magicnet" else "vnet"
     return model, {"num_classes": int(head.shape[0]), "n_filters": int(head.shape[1])}

@@ -32,26 +32,31 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
 KeyMap = Callable[[str], tuple[str, bool] | None]
 
 
-def _is_state_dict(obj: Any) -> bool:
+def is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+
+
+def select_entry(checkpoint: Any, which: str) -> Any:
+    """``checkpoint[which]``, or a :class:`CheckpointError` listing the entries there are."""
+    if not isinstance(checkpoint, Mapping) or which not in checkpoint:
+        keys = list(checkpoint) if isinstance(checkpoint, Mapping) else []
+        raise CheckpointError(f"checkpoint has no entry {which!r} (entries: {keys[:10]})")
+    return checkpoint[which]
 
 
 def unwrap_state_dict(checkpoint: Any, which: str | None = None) -> dict[str, Tensor]:
     """The state dict inside ``checkpoint``: itself, ``checkpoint[which]``, or the value of a
     usual wrapper key (``state_dict``, ``model``, ...)."""
     if which is not None:
-        if not isinstance(checkpoint, Mapping) or which not in checkpoint:
-            keys = list(checkpoint) if isinstance(checkpoint, Mapping) else []
-            raise CheckpointError(f"checkpoint has no entry {which!r} (entries: {keys[:10]})")
-        return unwrap_state_dict(checkpoint[which])
-    if _is_state_dict(checkpoint):
+        return unwrap_state_dict(select_entry(checkpoint, which))
+    if is_state_dict(checkpoint):
         return dict(checkpoint)
     if isinstance(checkpoint, Mapping):
         for key in _WRAPPER_KEYS:
-            if key in checkpoint and _is_state_dict(checkpoint[key]):
+            if key in checkpoint and is_state_dict(checkpoint[key]):
                 return dict(checkpoint[key])
-        nested = [k for k, v in checkpoint.items() if _is_state_dict(v)]
+        nested = [k for k, v in checkpoint.items() if is_state_dict(v)]
         if nested:
             raise CheckpointError(
                 f"checkpoint holds several networks {nested}; choose one with which=..."

@@ -14,7 +14,8 @@ Image Segmentation") adds to a host segmentation method
 Equations live in :mod:`semiseg.losses.scdl`. This package: :mod:`~.options` (the options,
 :class:`SCDLOptions`), :mod:`~.cdba` (the learnable parts, :class:`CDBA`, and the per-network
 decoder hook, :class:`CDBAInjector`), :mod:`~.method` (SAC, the wrapper method
-:class:`SCDLMethod` and its builder, registered as plug-in ``scdl``).
+:class:`SCDLMethod` and its builder, registered as plug-in ``scdl``), :mod:`~.official` (the
+networks that converted official SCDL checkpoints load into, :func:`official_scdl_network`).
 
 Options layout (``method.options``)::
 
@@ -75,8 +76,8 @@ distribution loss, and a symmetric KL between E2P and P2E assignments); the Eq. 
 concat(r_dist, r_center, z_sam) (official ``prior: official``: the temperature-sharpened mixture
 of normalised proxy means concatenated with the token samples); softplus-positive token noise
 scale (official raw); injection at every decoder stage (official AMOS host: ``injection:
-bottleneck``). The official Synapse host adds its prior at the prediction head, which the
-decoder seam does not reach (not offered).
+bottleneck``). The official Synapse host adds its prior at the prediction head (the head
+stage, preset ``official_synapse_magicnet``; its checkpoints convert, :mod:`~.official`).
 """
 
 from semiseg.plugins.scdl.cdba import CDBA, CDBAInjector, TokenRecord
