@@ -209,7 +209,7 @@ def test_unlabelled_tokens_reach_cdba_when_the_host_decodes_them_apart() -> None
 
 def test_tokens_are_taken_before_dropout() -> None:
     method = _build("scdl_dhc", model_options={"has_dropout": True}, tokens="bottleneck",
-                    projector="none", injection="all")
+                    projector="none", injection="all", center_tokens=False)
     network, cdba = method.proxy_networks()[0]
     image = _batch().image
     injector = network.injector
@@ -245,3 +245,32 @@ def test_diagnostics_by_hand_and_only_at_log_steps() -> None:
     method.training_step(_batch(), StepInfo(2, 100, log=True))
     assert method.diagnostics()["scdl/mu_change"] == pytest.approx(0.01, rel=1e-3)
     assert method.diagnostics()["scdl/sigma_change"] == 0.0
+
+
+def test_tokens_are_centred_on_a_running_mean_of_training_tokens() -> None:
+    method = _build("scdl_mean_teacher")
+    (network, cdba), = method.proxy_networks()
+    (_, teacher_cdba), = method.teacher_networks()
+    assert torch.count_nonzero(cdba.token_mean) == 0
+    image = _batch().image
+    injector = network.injector
+    injector.start_recording()
+    network(image)  # a training decoding: tokens centred on the old mean (0), mean updated
+    (record,) = injector.stop_recording()
+    with torch.no_grad():
+        raw = record.z  # centred on zero
+        assert torch.allclose(cdba.token_mean, 0.05 * raw.mean((0, 1)), atol=1e-6)
+        before = cdba.token_mean.clone()
+        network(image)  # not recording: no update
+        method.eval()
+        injector.start_recording()
+        network(image)
+        injector.stop_recording()  # eval mode: no update either
+    assert torch.equal(cdba.token_mean, before)
+    method.after_step(StepInfo(0, 100))  # the teacher takes its student's mean
+    assert torch.equal(teacher_cdba.token_mean, cdba.token_mean)
+    # Centred tokens no longer share one direction (the cosines of raw projected tokens are
+    # ~0.85, which lets P2E push every proxy but one away from all tokens).
+    centred = F.normalize(raw - raw.mean((0, 1)), dim=-1).reshape(-1, raw.size(-1))
+    plain = F.normalize(raw, dim=-1).reshape(-1, raw.size(-1))
+    assert (centred @ centred.T).mean() < 0.1 < (plain @ plain.T).mean()

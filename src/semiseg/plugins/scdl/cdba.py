@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,9 @@ class CDBA(nn.Module):
             )
             dim = options.embedding_dim
         self.embedding_dim = dim
+        if options.center_tokens:
+            # Running mean of the projected training tokens (options.center_tokens).
+            self.register_buffer("token_mean", torch.zeros(dim))
         bound = math.sqrt(6.0 / (num_classes + 2 * dim))
         self.proxy_mean = nn.Parameter(torch.empty(num_classes, dim).uniform_(-bound, bound))
         rho = torch.empty(num_classes, dim).uniform_(-bound, bound)
@@ -127,14 +131,34 @@ class CDBA(nn.Module):
         """``sigma_c = softplus(rho_c)``: per-dimension standard deviations, always positive."""
         return F.softplus(self.proxy_rho)
 
-    def embed(self, feature: Tensor) -> Tensor:
+    def embed(self, feature: Tensor, update_mean: bool = False) -> Tensor:
         """Tokens of the token-stage feature ``[B, Cx, X, Y, Z]`` -> ``[B, L, D]`` (float32):
-        the bottleneck's voxels, or the decoder feature average-pooled onto the token grid."""
+        the bottleneck's voxels, or the decoder feature average-pooled onto the token grid,
+        through the projector; with ``center_tokens`` minus the running token mean, which
+        ``update_mean`` (training decodings) moves towards this batch's mean afterwards."""
         feature = feature.float()
         grid = self.token_grid(feature.shape[2:])
         if grid != tuple(feature.shape[2:]):
             feature = F.adaptive_avg_pool3d(feature, grid)
-        return self.projector(feature.flatten(2).transpose(1, 2))
+        tokens = self.projector(feature.flatten(2).transpose(1, 2))
+        if not self.options.center_tokens:
+            return tokens
+        centered = tokens - self.token_mean
+        if update_mean:
+            with torch.no_grad():
+                self.token_mean.lerp_(tokens.detach().mean((0, 1)),
+                                      self.options.token_mean_momentum)
+        return centered
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: dict,
+                              strict: bool, missing_keys: list[str],
+                              unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        # Checkpoints from before center_tokens existed hold no running mean: start at zero.
+        key = prefix + "token_mean"
+        if self.options.center_tokens and key not in state_dict and isinstance(state_dict, dict):
+            state_dict[key] = torch.zeros_like(self.token_mean)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def prior(self, z: Tensor) -> Tensor:
         """The prior of every token, ``[B, L, D] -> [B, L, prior_dim]``.
@@ -212,9 +236,10 @@ class CDBAInjector(nn.Module):
             return x
         with torch.autocast(x.device.type, enabled=False):
             if stage == cdba.token_stage:
-                z = cdba.embed(x)
+                recording = self._recording and torch.is_grad_enabled()
+                z = cdba.embed(x, update_mean=recording and cdba.training)
                 grid = cdba.token_grid(x.shape[2:])
-                if self._recording and torch.is_grad_enabled():
+                if recording:
                     self._records.append(TokenRecord(z, grid))
                 prior = cdba.prior(z)
                 self._prior_map = prior.transpose(1, 2).reshape(x.size(0), prior.size(-1), *grid)

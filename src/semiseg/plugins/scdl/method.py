@@ -294,8 +294,14 @@ class SCDLMethod(Method):
         return weights
 
     def after_step(self, step: StepInfo) -> None:
-        """The host's (EMA teachers average the SCDL modules with the rest of the network)."""
+        """The host's (EMA teachers average the SCDL modules with the rest of the network);
+        a teacher's running token mean (a buffer, which the EMA leaves alone) is its
+        student's."""
         self.host.after_step(step)
+        if self.options.center_tokens and len(self._students) == 1:
+            mean = self._students[0][1].cdba.token_mean
+            for _, injector in self._teachers:
+                injector.cdba.token_mean.copy_(mean)
 
     def diagnostics(self) -> dict[str, float]:
         """The host's diagnostics and SCDL's, measured at the last logged step (first network):

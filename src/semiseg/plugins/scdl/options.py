@@ -35,6 +35,12 @@ class SCDLOptions:
     projector: Literal["none", "linear", "mlp"] = "mlp"
     embedding_dim: int = 256  # z of the linear / mlp projector (official 256)
     mlp_dropout: float = 0.2
+    # Subtract a running mean of the training tokens (momentum token_mean_momentum) before the
+    # cosines: projected tokens share one large common direction (cosine 0.85 between any two
+    # at the start), P2E then pushes every proxy but one away from all tokens, and SAC cannot
+    # anchor them (docs/methods/scdl.md). Not in the paper or the official code.
+    center_tokens: bool = True
+    token_mean_momentum: float = 0.05
     # -- proxies and priors --------------------------------------------------------------
     proxy_samples: int = 50  # S of Eq. 5 (official 50; the paper gives no number)
     # Initial proxy standard deviation; None = random like the means (the official
@@ -100,6 +106,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper read literally: bottleneck tokens as embeddings, no temperature, Eq. 3 as a
     # sum over tokens, Eq. 5-7 prior added at every decoder stage, the first decoding's tokens.
     "paper": {"tokens": "bottleneck", "projector": "none", "temperature": 1.0,
+              "center_tokens": False,
               "e2p_reduction": "sum", "prior": "paper", "injection": "all",
               "token_source": "first"},
     # The official inference networks (Zyh55555/SCDL): Synapse MagicNet adds the official
@@ -108,18 +115,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tokens": "decoder", "token_stride": 8, "projector": "mlp", "embedding_dim": 256,
         "temperature": 0.2, "p2e_temperature": 0.2, "prior": "official_token",
         "injection": "head", "loss": "official", "noise_scale": "raw",
-        "sac_normalize_tokens": True},
+        "sac_normalize_tokens": True, "center_tokens": False},
     # AMOS MagicNet trains with the prior token and the token samples (512 channels) added at
     # the bottleneck and tests without it; the CPS hosts test plain VNets.
     "official_amos_magicnet": {
         "tokens": "bottleneck", "projector": "mlp", "embedding_dim": 256, "temperature": 0.2,
         "p2e_temperature": 0.2, "prior": "official", "injection": "bottleneck",
-        "loss": "official", "noise_scale": "raw", "sac_normalize_tokens": True},
+        "loss": "official", "noise_scale": "raw", "sac_normalize_tokens": True,
+        "center_tokens": False},
     "official_cps": {
         "tokens": "decoder", "token_stride": 8, "projector": "mlp", "embedding_dim": 256,
         "temperature": 0.2, "p2e_temperature": 0.2, "prior": "official_token",
         "injection": "none", "loss": "official", "noise_scale": "raw",
-        "sac_normalize_tokens": True},
+        "sac_normalize_tokens": True, "center_tokens": False},
 }
 
 
@@ -167,6 +175,9 @@ def check_options(options: SCDLOptions, where: str = "method.options.scdl") -> N
     if options.noise_scale == "softplus" and not options.init_noise_scale > 0:
         raise ConfigError(f"{where}.init_noise_scale: must be positive with a softplus noise "
                           f"scale, got {options.init_noise_scale}")
+    if not 0.0 < options.token_mean_momentum <= 1.0:
+        raise ConfigError(f"{where}.token_mean_momentum: must be in (0, 1], got "
+                          f"{options.token_mean_momentum}")
     if options.token_stride < 1:
         raise ConfigError(f"{where}.token_stride: must be at least 1, got {options.token_stride}")
     if options.tokens == "decoder" and options.injection not in ("none", "head"):
