@@ -281,3 +281,17 @@ def test_official_prior_token_by_hand() -> None:
     norm = math.hypot(w[0], w[1])
     expected = torch.tensor([[[w[0] / norm, w[1] / norm]]])
     assert torch.allclose(official_prior_token(z, mu, 0.2), expected, atol=1e-6)
+
+
+def test_token_anchors_by_hand() -> None:
+    from semiseg.losses.scdl import token_anchors
+
+    # One crop, three tokens; class 1 covers all of token 0 and half of token 1, class 2 none.
+    z = torch.tensor([[[2.0, 0.0], [0.0, 4.0], [1.0, 1.0]]])
+    weights = torch.tensor([[[0.0, 1.0, 0.0], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]])
+    anchors, present = token_anchors(z, weights)
+    assert present.tolist() == [True, True, False]
+    # class 1: (1 x (2, 0) + 0.5 x (0, 4)) / 1.5; background: (0.5 x (0, 4) + (1, 1)) / 1.5
+    assert torch.allclose(anchors[1], torch.tensor([2.0, 2.0]) / 1.5)
+    assert torch.allclose(anchors[0], torch.tensor([1.0, 3.0]) / 1.5)
+    assert torch.equal(anchors[2], torch.zeros(2))

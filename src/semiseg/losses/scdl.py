@@ -10,7 +10,8 @@ Paper equations (the defaults of the plug-in, :mod:`semiseg.plugins.scdl`):
 * :func:`soft_assignment` Eq. 2, :func:`e2p_loss` Eq. 3, :func:`p2e_loss` Eq. 4,
 * :func:`sample_proxies` (draws of Eq. 1), :func:`distribution_prior` Eq. 5,
   :func:`center_prior` Eq. 6, :func:`token_sampling_prior` (the z^sam of Eq. 7),
-* :func:`semantic_anchors` Eq. 8, :func:`sac_loss` Eq. 9,
+* :func:`semantic_anchors` Eq. 8 (:func:`token_anchors`: Eq. 8 over the real crops' tokens),
+  :func:`sac_loss` Eq. 9,
 * :func:`token_fractions` / :func:`token_class_proportions`: how much of each token's voxel cell
   a mask or a class covers (SAC's region rule, the official label weights).
 
@@ -197,6 +198,24 @@ def semantic_anchors(embeddings: Tensor, labels: Tensor, num_classes: int,
     counts = torch.bincount(labels, minlength=num_classes)
     anchors = sums / counts.clamp(min=1).to(sums.dtype)[:, None]
     return anchors, counts > 0
+
+
+def token_anchors(z: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """SCDL paper Eq. 8 over the labelled crops' own tokens instead of masked images:
+    ``anchor_c = sum_{i,l} w_{i,l,c} z_{i,l} / sum_{i,l} w_{i,l,c}``.
+
+    ``z`` ``[B, L, D]``, ``weights`` ``[B, L, C]`` (the fraction of each token's cell labelled
+    c, :func:`token_class_proportions`). The class-aware embeddings are the tokens the network
+    makes of the real crops, each counted by how much of its cell is class c, so the anchors
+    live where the tokens do (a masked image is an input the network never sees otherwise).
+    Returns ``(anchors [C, D], present [C])`` like :func:`semantic_anchors`.
+    """
+    if z.dim() != 3 or weights.shape[:2] != z.shape[:2]:
+        raise DataError(f"SCDL: token anchors need tokens [B, L, D] and weights [B, L, C], got "
+                        f"{tuple(z.shape)} and {tuple(weights.shape)}")
+    mass = weights.sum((0, 1))  # [C]
+    sums = torch.einsum("blc,bld->cd", weights.to(z.dtype), z)
+    return sums / mass.clamp_min(_EPS)[:, None].to(z.dtype), mass > 0
 
 
 def sac_loss(mu: Tensor, anchors: Tensor, present: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from semiseg.losses.scdl import (
     sac_loss,
     sample_proxies,
     symmetric_kl,
+    token_anchors,
     token_class_proportions,
 )
 from semiseg.methods.base import Batch, Method, MethodContext, MethodNetworks, StepInfo
@@ -146,7 +147,7 @@ class SCDLMethod(Method):
         with torch.autocast(batch.image.device.type, enabled=False):
             terms.update(self._alignment_terms(records, batch))
         if self.options.sac and self.options.sac_weight > 0:
-            terms[TERM_PREFIX + "sac"] = self._sac_term(batch, step.iteration)
+            terms[TERM_PREFIX + "sac"] = self._sac_term(batch, step.iteration, records)
         if step.log:
             self._diagnostics = self._measure(records[0], batch, terms, step)
         return terms
@@ -265,11 +266,27 @@ class SCDLMethod(Method):
         """:func:`~semiseg.plugins.scdl.sac.class_anchors` with this method's options."""
         return class_anchors(network, cdba, image, label, pairs, self.options)
 
-    def _sac_term(self, batch: Batch, iteration: int) -> Tensor:
+    def _sac_term(self, batch: Batch, iteration: int,
+                  records: list[list[TokenRecord]]) -> Tensor:
         total = _zero(self._students[0][1].cdba.proxy_mean)
         if batch.num_labeled == 0:
             return total
         image, label = batch.labeled_image, batch.label
+        if self.options.sac_source == "labelled_tokens":
+            for (_, injector), network_records in zip(self._students, records):
+                cdba = injector.cdba
+                grid = crop_token_grid(cdba, batch.image.shape[2:])
+                labelled = [r for r in self._selected(network_records, batch, cdba)
+                            if r.grid == grid and r.batch >= batch.num_labeled]
+                if not labelled:
+                    continue
+                weights = token_class_proportions(label, grid, cdba.num_classes)
+                if not self.options.sac_include_background:
+                    weights[..., 0] = 0.0
+                anchors, present = token_anchors(labelled[0].z[:batch.num_labeled].detach(),
+                                                 weights)
+                total = total + sac_loss(cdba.proxy_mean, anchors, present)
+            return total
         pairs = self.sac_pairs(label, iteration)
         if not pairs:
             return total

@@ -84,6 +84,10 @@ class SCDLOptions:
     # False = detached bidirectional assignment for every token.
     official_label_weights: bool = False
     # -- SAC -----------------------------------------------------------------------------
+    # Where the class-aware embeddings of Eq. 8 come from: "masked_images" (paper: each class's
+    # masked crop through the network) or "labelled_tokens" (the labelled crops' own tokens of
+    # the step, weighted by how much of each token's cell the class covers; no extra passes).
+    sac_source: Literal["masked_images", "labelled_tokens"] = "masked_images"
     sac_min_fraction: float = 0.0  # token in class c if its cell's c-fraction is above this
     sac_fill_value: float = 0.0  # background value of masked crops (0 after intensity)
     sac_include_background: bool = True  # anchor the background proxy too
