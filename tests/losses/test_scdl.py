@@ -295,3 +295,22 @@ def test_token_anchors_by_hand() -> None:
     assert torch.allclose(anchors[1], torch.tensor([2.0, 2.0]) / 1.5)
     assert torch.allclose(anchors[0], torch.tensor([1.0, 3.0]) / 1.5)
     assert torch.equal(anchors[2], torch.zeros(2))
+
+
+def test_labelled_tokens_take_their_class_proportions_as_assignment() -> None:
+    from semiseg.losses.scdl import cosine_to_proxies
+
+    torch.manual_seed(4)
+    z, mu = torch.randn(1, 3, 5), torch.randn(2, 5)
+    truth = torch.tensor([[[1.0, 0.0], [0.25, 0.75], [0.0, 0.0]]])
+    mask = torch.tensor([[True, True, False]])
+    cos = cosine_to_proxies(z, mu)
+    assignment = torch.softmax(cos / 0.2, dim=-1)
+    assignment[0, :2] = truth[0, :2]
+    expected_e2p = (assignment * (1 - cos)).sum(-1).mean()
+    expected_p2e = torch.exp(-((2 * assignment - 1) * cos).mean(1)).mean()
+    assert e2p_loss(z, mu, 0.2, truth=truth, truth_mask=mask).item() == pytest.approx(
+        expected_e2p.item(), rel=1e-6)
+    assert p2e_loss(z, mu, 0.2, truth=truth, truth_mask=mask).item() == pytest.approx(
+        expected_p2e.item(), rel=1e-6)
+    assert e2p_loss(z, mu, 0.2).item() != pytest.approx(expected_e2p.item(), rel=1e-3)

@@ -73,18 +73,32 @@ def soft_assignment(z: Tensor, mu: Tensor, temperature: float = 1.0) -> Tensor:
     return torch.softmax(cosine_to_proxies(z, mu) / temperature, dim=-1)
 
 
-def e2p_loss(z: Tensor, mu: Tensor, temperature: float = 1.0,
-             reduction: str = "mean") -> Tensor:
+def _assignment(cos: Tensor, temperature: float, truth: Tensor | None,
+                truth_mask: Tensor | None) -> Tensor:
+    """Eq. 2 on every token, or the given class proportions where ``truth_mask`` is set."""
+    _check_temperature(temperature)
+    assignment = torch.softmax(cos / temperature, dim=-1)
+    if truth is None:
+        return assignment
+    if truth.shape != cos.shape or truth_mask is None or truth_mask.shape != cos.shape[:2]:
+        raise DataError(f"SCDL: assignment truth must be [B, L, C] = {tuple(cos.shape)} with a "
+                        f"[B, L] mask, got {tuple(truth.shape)}")
+    return torch.where(truth_mask[..., None], truth.to(assignment.dtype), assignment)
+
+
+def e2p_loss(z: Tensor, mu: Tensor, temperature: float = 1.0, reduction: str = "mean",
+             truth: Tensor | None = None, truth_mask: Tensor | None = None) -> Tensor:
     """SCDL paper Eq. 3, embedding-to-proxy alignment:
     ``sum_{i,l} sum_c P(c | z_{i,l}) (1 - cos(z_{i,l}, mu_c))``.
 
     ``reduction="sum"`` is the paper's sum over the B x L tokens; ``"mean"`` divides it by
     B x L, which keeps the loss weight independent of the batch and patch size. Gradients
     reach both the embeddings and the proxies (through the cosine and through the assignment).
+    ``truth`` ``[B, L, C]`` replaces ``P`` by these class proportions where ``truth_mask``
+    ``[B, L]`` is set (labelled tokens; not in the paper, see ``labelled_assignment``).
     """
     cos = cosine_to_proxies(z, mu)
-    _check_temperature(temperature)
-    assignment = torch.softmax(cos / temperature, dim=-1)
+    assignment = _assignment(cos, temperature, truth, truth_mask)
     per_token = (assignment * (1.0 - cos)).sum(-1)
     if reduction == "sum":
         return per_token.sum()
@@ -93,17 +107,18 @@ def e2p_loss(z: Tensor, mu: Tensor, temperature: float = 1.0,
     return per_token.mean()
 
 
-def p2e_loss(z: Tensor, mu: Tensor, temperature: float = 1.0) -> Tensor:
+def p2e_loss(z: Tensor, mu: Tensor, temperature: float = 1.0, truth: Tensor | None = None,
+             truth_mask: Tensor | None = None) -> Tensor:
     """SCDL paper Eq. 4, proxy-to-embedding alignment:
     ``(1/C) sum_c exp(-E_{i,l}[(2 P(c | z_{i,l}) - 1) cos(z_{i,l}, mu_c)])``.
 
     ``E_{i,l}`` is the mean over all tokens of the batch: a token counts as a positive of
     proxy c with weight ``P`` and as a negative with weight ``1 - P``
-    (``E+ - E- = E[P cos] - E[(1 - P) cos]``).
+    (``E+ - E- = E[P cos] - E[(1 - P) cos]``). ``truth`` / ``truth_mask``: as
+    :func:`e2p_loss`.
     """
     cos = cosine_to_proxies(z, mu)
-    _check_temperature(temperature)
-    assignment = torch.softmax(cos / temperature, dim=-1)
+    assignment = _assignment(cos, temperature, truth, truth_mask)
     margin = ((2.0 * assignment - 1.0) * cos).flatten(0, 1).mean(0)  # [C]
     return torch.exp(-margin).mean()
 

@@ -183,8 +183,10 @@ class SCDLMethod(Method):
                 values = {name: _zero(mu) for name in names}
             elif opts.loss == "paper":
                 z = torch.cat([r.z.reshape(1, -1, r.z.size(-1)) for r in chosen], dim=1)
-                values = {"e2p": e2p_loss(z, mu, opts.temperature, opts.e2p_reduction),
-                          "p2e": p2e_loss(z, mu, opts.temperature)}
+                truth, mask = self._labelled_truth(chosen, batch, injector.cdba, z)
+                values = {"e2p": e2p_loss(z, mu, opts.temperature, opts.e2p_reduction,
+                                          truth, mask),
+                          "p2e": p2e_loss(z, mu, opts.temperature, truth, mask)}
             else:
                 values = self._official_terms(injector.cdba, chosen,
                                               chosen[0] is network_records[0], batch)
@@ -192,6 +194,25 @@ class SCDLMethod(Method):
                 key = TERM_PREFIX + name
                 totals[key] = totals[key] + value if key in totals else value
         return totals
+
+    def _labelled_truth(self, chosen: list[TokenRecord], batch: Batch, cdba: CDBA, z: Tensor
+                        ) -> tuple[Tensor | None, Tensor | None]:
+        """``labelled_assignment: truth``: the class proportions of the labelled crops' token
+        cells and the mask of their tokens in the concatenated ``z`` ``[1, N, D]`` (the first
+        chosen decoding holds the labelled crops first)."""
+        first = chosen[0]
+        n_lab = batch.num_labeled
+        grid = crop_token_grid(cdba, batch.image.shape[2:])
+        if (self.options.labelled_assignment != "truth" or not n_lab or first.grid != grid
+                or first.batch < n_lab):
+            return None, None
+        proportions = token_class_proportions(batch.label, grid, cdba.num_classes)
+        count = proportions.size(0) * proportions.size(1)
+        truth = z.new_zeros(1, z.size(1), cdba.num_classes)
+        truth[0, :count] = proportions.reshape(count, -1)
+        mask = torch.zeros(1, z.size(1), dtype=torch.bool, device=z.device)
+        mask[0, :count] = True
+        return truth, mask
 
     def _official_terms(self, cdba: CDBA, chosen: list[TokenRecord], starts_with_first: bool,
                         batch: Batch) -> dict[str, Tensor]:

@@ -68,6 +68,10 @@ class SCDLOptions:
     # -- losses --------------------------------------------------------------------------
     loss: Literal["paper", "official"] = "paper"  # Eq. 3 + Eq. 4 / official proxy loss + KL
     e2p_reduction: Literal["mean", "sum"] = "mean"  # Eq. 3 over tokens (paper: sum)
+    # P(c|z) of the labelled crops' tokens in Eq. 3-4: "soft" (paper: Eq. 2 for every token)
+    # or "truth" (their cells' class proportions, as the official proxy loss weights labelled
+    # tokens; unlabelled tokens keep Eq. 2).
+    labelled_assignment: Literal["soft", "truth"] = "soft"
     # Which decodings give tokens: "batch" = the first decodings of whole crops that together
     # cover the step's batch once (labelled and unlabelled crops on every host), "first" = the
     # first decoding with gradients, "full_patch" = every decoding of whole crops, "all" =
