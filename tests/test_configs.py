@@ -7,7 +7,7 @@ import pytest
 from semiseg.catalog import parse_method_options
 from semiseg.config import load_config
 from semiseg.engine.experiment import grid_cells, load_grid
-from semiseg.models.registry import get_model_factory
+from semiseg.models.registry import check_model_options
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml")
@@ -18,7 +18,7 @@ GRIDS = sorted((REPO / "configs").rglob("grid*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_config_validates(path: Path) -> None:
     config = load_config(path)
-    get_model_factory(config.model.name)
+    check_model_options(config.model.name, dict(config.model.options))
     # The code's own parsing (a plug-in splits host and plug-in options and checks each part).
     parse_method_options(config.method.name, dict(config.method.options))
     if path.parent.name in ("synapse", "amos"):
@@ -38,7 +38,11 @@ def test_table_rows_cover_every_host_and_ratio() -> None:
 
 @pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
 def test_grids_validate(path: Path) -> None:
-    assert grid_cells(load_grid(path))
+    cells = grid_cells(load_grid(path))
+    assert cells
+    for cell in cells:  # a row's overrides are checked like a config's own keys
+        check_model_options(cell.config.model.name, dict(cell.config.model.options))
+        parse_method_options(cell.config.method.name, dict(cell.config.method.options))
 
 
 def test_the_demo_is_a_two_row_grid_of_valid_configs(tmp_path: Path) -> None:

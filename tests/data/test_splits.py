@@ -70,7 +70,8 @@ def test_shipped_amos_split_counts_and_mri_cases() -> None:
 
 
 def test_every_shipped_split_is_disjoint() -> None:
-    assert shipped_splits() == ["amos_dhc", "synapse_dhc", "synapse_genericssl", "synapse_magicnet"]
+    assert shipped_splits() == ["amos_dhc", "phantom_compare", "synapse_dhc", "synapse_genericssl",
+                               "synapse_magicnet"]
     for name in shipped_splits():
         split = load_split(name)
         sets = [set(split.train), set(split.eval), set(split.test)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
@@ -49,8 +49,8 @@ def get_model_factory(name: str) -> ModelFactory:
     return _REGISTRY[name]
 
 
-def create_model(name: str, num_classes: int, **options: Any) -> nn.Module:
-    """Build the network registered as ``name`` with ``num_classes`` output channels."""
+def check_model_options(name: str, options: Mapping[str, Any]) -> None:
+    """Refuse an option the network registered as ``name`` does not take (one line, with a hint)."""
     factory = get_model_factory(name)
     params = inspect.signature(factory).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -61,7 +61,12 @@ def create_model(name: str, num_classes: int, **options: Any) -> nn.Module:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {known})"
                 raise ConfigError(f"model {name!r} has no option {key!r}{hint}")
-    return factory(num_classes=num_classes, **options)
+
+
+def create_model(name: str, num_classes: int, **options: Any) -> nn.Module:
+    """Build the network registered as ``name`` with ``num_classes`` output channels."""
+    check_model_options(name, options)
+    return get_model_factory(name)(num_classes=num_classes, **options)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
