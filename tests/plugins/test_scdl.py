@@ -38,10 +38,10 @@ def _context(model: str = "vnet", num_classes: int = CLASSES) -> MethodContext:
 
 
 # Most tests below exercise the bottleneck-token path with the paper's prior at every stage
-# (the plug-in's defaults before the decoder tokens; tests/plugins/test_scdl_defaults.py covers
-# the current defaults); the keys a test passes override these.
+# and masked-image anchors (the plug-in's defaults before the decoder tokens;
+# tests/plugins/test_scdl_defaults.py covers the current defaults); a test's keys override these.
 BOTTLENECK = {"tokens": "bottleneck", "projector": "none", "injection": "all",
-              "temperature": 1.0, "token_source": "first"}
+              "temperature": 1.0, "token_source": "first", "sac_source": "masked_images"}
 
 
 def _build(name: str, seed: int = 0, host: dict | None = None, **scdl: object) -> SCDLMethod:

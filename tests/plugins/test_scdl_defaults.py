@@ -56,7 +56,8 @@ def _batch(classes: int = CLASSES, seed: int = 1) -> Batch:
 def test_defaults_and_presets() -> None:
     opts = SCDLOptions()
     assert (opts.tokens, opts.token_stride, opts.projector, opts.temperature, opts.injection,
-            opts.token_source) == ("decoder", 8, "mlp", 0.2, "head", "batch")
+            opts.token_source, opts.sac_source) == ("decoder", 4, "mlp", 0.2, "head", "batch",
+                                                    "labelled_tokens")
     paper = apply_preset({"preset": "paper"})
     assert paper["temperature"] == 1.0 and paper["e2p_reduction"] == "sum"
     assert apply_preset({"preset": "paper", "temperature": 0.5})["temperature"] == 0.5
@@ -105,17 +106,17 @@ def test_decoder_tokens_come_from_the_head_feature_and_the_prior_goes_to_the_hea
     method = _build()
     network, cdba = method.proxy_networks()[0]
     assert list(cdba.projections.keys()) == [str(HEAD_STAGE)]
-    assert cdba.in_channels == 4 and cdba.token_grid((32, 32, 32)) == (4, 4, 4)
+    assert cdba.in_channels == 4 and cdba.token_grid((32, 32, 32)) == (8, 8, 8)
     injector = network.injector
     image = _batch().image
     network.eval()  # deterministic: batch norm on running stats, no MLP dropout, no noise
     injector.start_recording()
     logits = network(image)
     (record,) = injector.stop_recording()
-    assert record.grid == (4, 4, 4) and record.z.shape == (4, 64, 256)
+    assert record.grid == (8, 8, 8) and record.z.shape == (4, 512, 256)
     with torch.no_grad():
-        # The tokens: the head feature pooled to the 4^3 grid, through the projector.
-        pooled = F.adaptive_avg_pool3d(_head_feature(network, image), (4, 4, 4))
+        # The tokens: the head feature pooled to the 8^3 grid (stride 4), through the projector.
+        pooled = F.adaptive_avg_pool3d(_head_feature(network, image), (8, 8, 8))
         expected = cdba.projector(pooled.flatten(2).transpose(1, 2))
         plain = network.decode(network.encode(image), lambda stage, x: x)
     assert torch.allclose(record.z, expected, atol=1e-6)
@@ -274,3 +275,55 @@ def test_tokens_are_centred_on_a_running_mean_of_training_tokens() -> None:
     centred = F.normalize(raw - raw.mean((0, 1)), dim=-1).reshape(-1, raw.size(-1))
     plain = F.normalize(raw, dim=-1).reshape(-1, raw.size(-1))
     assert (centred @ centred.T).mean() < 0.1 < (plain @ plain.T).mean()
+
+
+def test_default_sac_anchors_on_the_labelled_tokens_without_extra_passes(monkeypatch) -> None:
+    import semiseg.plugins.scdl.method as scdl_method
+
+    method = _build()
+    batch = _batch()
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = scdl_method.token_anchors
+
+    def spy(z: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append((z, weights))
+        return real(z, weights)
+
+    monkeypatch.setattr(scdl_method, "token_anchors", spy)
+    selected: list = []
+    real_selected = method._selected
+
+    def selected_spy(*args: object) -> list:
+        records = real_selected(*args)
+        selected.append(records)
+        return records
+
+    monkeypatch.setattr(method, "_selected", selected_spy)
+    calls = [0]
+    for net, _ in method.proxy_networks():
+        net.encoder.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    terms = method.training_step(batch, StepInfo(0, 100))
+    assert calls[0] == 2  # one pass per GA-CPS network: the anchors cost no masked passes
+    assert len(seen) == 2
+    # Eq. 8 weights: each stride-4 cell's class proportions, by hand.
+    one_hot = F.one_hot(batch.label, CLASSES).permute(0, 4, 1, 2, 3).float()
+    expected_w = F.avg_pool3d(one_hot, 4).flatten(2).transpose(1, 2)
+    expected = torch.zeros(())
+    batch_tokens = [records[0].z for records in selected if records and records[0].batch == 4]
+    for (z, weights), (_, cdba), tokens in zip(seen, method.proxy_networks(),
+                                               batch_tokens[-2:]):
+        assert z.shape == (2, 512, 256) and not z.requires_grad
+        assert torch.equal(z, tokens[:2])  # the labelled crops' own tokens, in batch order
+        assert torch.allclose(weights, expected_w, atol=1e-6)
+        anchors = torch.stack([(expected_w[..., c, None] * z).sum((0, 1))
+                               / expected_w[..., c].sum() for c in range(CLASSES)])
+        cos = F.cosine_similarity(cdba.proxy_mean, anchors, dim=-1)
+        expected = expected + (1 - cos).mean()  # Eq. 9, every class present in these crops
+    assert float(terms["scdl_sac"].detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    cdba = method.proxy_networks()[0][1]
+    network = method.proxy_networks()[0][0]
+    grads = torch.autograd.grad(terms["scdl_sac"], [cdba.proxy_mean, cdba.proxy_rho,
+                                                    *network.encoder.parameters()],
+                                allow_unused=True)
+    assert grads[0].norm() > 0  # the means move toward the anchors ...
+    assert all(g is None or not g.any() for g in grads[1:])  # ... nothing else does
