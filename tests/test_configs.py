@@ -57,3 +57,16 @@ def test_the_demo_is_a_two_row_grid_of_valid_configs(tmp_path: Path) -> None:
         assert cell.config.data.root == str(tmp_path / "data")
         assert cell.run_dir == tmp_path / "runs" / cell.row / "seed0"
     assert cells[0].config.method.name == "supervised"
+
+
+@pytest.mark.parametrize("row,host", [("scdl_ga_cps", "ga_cps"),
+                                      ("scdl_ga_cps_cdba_only", "ga_cps"),
+                                      ("scdl_ga_magicnet", "ga_magicnet")])
+def test_compare_scdl_rows_are_their_hosts_plus_the_plug_in(row: str, host: str) -> None:
+    # A paired difference means something only if the rows differ in the plug-in alone.
+    with_scdl = load_config(REPO / "configs" / "compare" / f"{row}.yaml")
+    plain = load_config(REPO / "configs" / "compare" / f"{host}.yaml")
+    assert with_scdl.method.name == f"scdl_{host}"
+    assert dict(with_scdl.method.options)["host"] == dict(plain.method.options)
+    for section in ("data", "model", "train", "inference", "evaluation"):
+        assert getattr(with_scdl, section) == getattr(plain, section), section
