@@ -59,7 +59,7 @@ def test_the_demo_is_a_two_row_grid_of_valid_configs(tmp_path: Path) -> None:
     assert cells[0].config.method.name == "supervised"
 
 
-@pytest.mark.parametrize("row,host", [("scdl_ga_cps", "ga_cps"),
+@pytest.mark.parametrize("row,host", [("scdl_ga_cps", "ga_cps"), ("scdl_ga_cps_e2p_sum", "ga_cps"),
                                       ("scdl_ga_cps_cdba_only", "ga_cps"),
                                       ("scdl_ga_magicnet", "ga_magicnet")])
 def test_compare_scdl_rows_are_their_hosts_plus_the_plug_in(row: str, host: str) -> None:

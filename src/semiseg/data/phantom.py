@@ -145,7 +145,7 @@ def generate_dataset(
     writer = CaseWriter(out_root, "phantom", class_set, preprocessing, overwrite=overwrite)
     ids = phantom_case_ids(num_cases)
     todo = [(i, case_id) for i, case_id in enumerate(ids) if not writer.done(case_id)]
-    for i, case_id in tqdm(todo, desc="phantom", unit="case", disable=not progress):
+    for i, case_id in tqdm(todo, desc="phantom", unit="case", disable=not progress or not todo):
         image, label, case_spacing = generate_case((seed, i), shape, spacing, class_set,
                                                    noise_hu=noise_hu, variability=variability)
         affine = phantom_affine(image.shape, case_spacing, class_set)

@@ -1,8 +1,9 @@
-"""Where the SCDL proxies sit among the bottleneck tokens: a 2-D scatter of both.
+"""Where the SCDL proxies sit among the tokens: a 2-D scatter of both.
 
 ``semiseg plot-proxies RUN_OR_CHECKPOINT`` rebuilds an ``scdl_*`` run's method from its
 checkpoint, cuts a few labeled cases of its dataset into crops of the training patch size,
-embeds every crop's bottleneck tokens with the network's CDBA projector (the embeddings the
+embeds every crop's tokens (the bottleneck voxels, or the pooled last decoder feature, as the
+run's ``scdl.tokens`` says) with the network's CDBA projector and centring (the embeddings the
 alignment losses see), labels each token with the classes of its voxel cell, and projects
 tokens and learned proxy means together to 2-D with PCA (an exact SVD of the centred points;
 t-SNE would need scikit-learn, which is not a dependency). Tokens are coloured by class with the
@@ -173,7 +174,7 @@ def plot_proxy_embedding(tokens: Tensor, classes: Tensor, proxies: Tensor, class
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.grid(linewidth=0.3)
-    ax.set_title(title or f"SCDL proxies and bottleneck tokens ({class_set.name}, "
+    ax.set_title(title or f"SCDL proxies and tokens ({class_set.name}, "
                  f"{'cosine ' if normalize else ''}PCA)", fontsize=9)
     figure.subplots_adjust(left=0.1, right=0.78, top=0.92, bottom=0.09)
     return save_figure(figure, out_path, dpi)
