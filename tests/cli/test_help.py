@@ -7,19 +7,13 @@ import pytest
 
 from semiseg.cli import _build_parser, main
 
-# `semiseg knowledge ...` belongs to the knowledge package, which is being changed elsewhere;
-# its options are checked there (tests/knowledge/test_cli.py).
-ELSEWHERE = {"knowledge"}
-
-
 def _commands(parser: argparse.ArgumentParser, prefix: str = ""
               ) -> dict[str, argparse.ArgumentParser]:
     found = {prefix.strip(): parser} if prefix else {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                if name not in ELSEWHERE:
-                    found.update(_commands(sub, f"{prefix}{name} "))
+                found.update(_commands(sub, f"{prefix}{name} "))
     return found
 
 
@@ -41,8 +35,9 @@ def test_every_option_has_a_line_of_help(command: str) -> None:
 
 def test_one_name_per_concept() -> None:
     writes = {"prepare", "train", "predict", "score", "report", "demo", "convert-checkpoint",
-              "plot-proxies"}
-    networks = {"train", "evaluate", "predict", "demo", "experiment run", "plot-proxies"}
+              "plot-proxies", "knowledge generate", "knowledge encode"}
+    networks = {"train", "evaluate", "predict", "demo", "experiment run", "plot-proxies",
+                "knowledge encode"}
     progress = {"prepare", "train", "evaluate", "predict", "demo", "experiment run"}
     for command, parser in COMMANDS.items():
         names = {name for name, action in _options(parser).items()

@@ -35,7 +35,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "the dropped claims and the generation record for a clinician to review. Endpoint "
         "settings: --base-url/--model/--api-key or SEMISEG_LLM_BASE_URL, SEMISEG_LLM_MODEL, "
         "SEMISEG_LLM_API_KEY (or OPENAI_BASE_URL, OPENAI_MODEL, OPENAI_API_KEY).")
-    generate.add_argument("--class-set", required=True, choices=["synapse", "amos"])
+    generate.add_argument("--class-set", required=True, choices=["synapse", "amos"],
+                          help="which organs to describe: synapse (13 organs) or amos (15)")
     generate.add_argument("--data", type=Path, required=True,
                           help="prepared data folder with labeled cases (semiseg or official "
                           "layout) from which the verifier's slices are drawn")
@@ -66,7 +67,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "`semiseg train` needs neither the encoder nor the network. Encoders: "
         + ", ".join(list_encoders()) + " (minilm is packaged and works offline; biomedclip, "
         "pmc-clip and unimed-clip need open_clip: pip install 'semiseg[clip]').")
-    encode.add_argument("--class-set", required=True, choices=["synapse", "amos"])
+    encode.add_argument("--class-set", required=True, choices=["synapse", "amos"],
+                        help="whose descriptions to encode: synapse (13 organs) or amos (15)")
     encode.add_argument("--knowledge", type=Path, default=None,
                         help="knowledge YAML (default: the packaged one of the class set)")
     encode.add_argument("--encoder", default="minilm", choices=list_encoders(),
