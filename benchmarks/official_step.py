@@ -602,7 +602,7 @@ class SemisegStep:
 
     def step(self, batch: Any, iteration: int) -> Tensor:
         from semiseg.engine.objective import combine_losses
-        from semiseg.engine.trainer import poly_lr
+        from semiseg.engine.optim import poly_lr
         from semiseg.methods.base import StepInfo
 
         step = StepInfo(iteration, CPS_HORIZON, ITERATIONS_PER_EPOCH)

@@ -7,6 +7,7 @@ import pytest
 
 from semiseg.cli import _build_parser, main
 
+
 def _commands(parser: argparse.ArgumentParser, prefix: str = ""
               ) -> dict[str, argparse.ArgumentParser]:
     found = {prefix.strip(): parser} if prefix else {}

@@ -8,7 +8,9 @@ import torch
 
 from semiseg.config import load_config
 from semiseg.engine.checkpoint import load_checkpoint
-from semiseg.engine.trainer import Trainer, poly_lr, quick_dice
+from semiseg.engine.metrics import quick_dice
+from semiseg.engine.optim import learning_rate, poly_lr
+from semiseg.engine.trainer import Trainer
 from semiseg.errors import CheckpointError, ConfigError
 
 
@@ -91,6 +93,16 @@ def test_unknown_loss_weight_is_named(tmp_path: Path) -> None:
 def test_poly_lr_and_quick_dice_by_hand() -> None:
     assert poly_lr(0.01, 0, 100, 0.9) == 0.01
     assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5**0.9)
+    from semiseg.config import TrainConfig
+
+    # The run's own length, or a longer horizon (GALoss: 70,000) that the rate never reaches.
+    train = TrainConfig(lr=0.1, max_iterations=100, lr_schedule="poly", poly_power=0.9)
+    assert learning_rate(train, 99) == pytest.approx(0.1 * 0.01**0.9)
+    assert learning_rate(train, 150) == learning_rate(train, 99)  # held, never negative
+    train.lr_schedule_iterations = 200
+    assert learning_rate(train, 100) == pytest.approx(0.1 * 0.5**0.9)
+    train.lr_schedule = "constant"
+    assert learning_rate(train, 100) == 0.1
     import numpy as np
 
     ref = np.array([0, 1, 1, 2, 2, 2, 0, 0])

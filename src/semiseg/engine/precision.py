@@ -23,10 +23,12 @@ the dtype, the device and the measured disagreement.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -251,3 +253,21 @@ def loss_failure_message(value: float, iteration: int, terms: Mapping[str, float
                  + advice
     return (f"the loss became {value} at iteration {iteration} (terms: {shown}); the last "
             f"checkpoint holds the weights before it. Try: {advice}")
+
+
+def measure_method_precision(method: nn.Module, batch: Any, step: Any,
+                             scales: Mapping[str, float], dtype: torch.dtype,
+                             device: torch.device, seed: int = 0) -> PrecisionCheck:
+    """:func:`measure_precision` of a method's weighted training loss on one batch at ``step``
+    (its scheduled loss weights), run on a deep copy so the method itself is untouched."""
+    from semiseg.engine.objective import combine_losses
+
+    probe = copy.deepcopy(method)
+    probe.train()
+
+    def total_loss() -> Tensor:
+        terms = probe.training_step(batch, step)
+        return combine_losses(terms, probe.loss_weights(step), scales)[0]
+
+    parameters = {name: p for name, p in probe.named_parameters() if p.requires_grad}
+    return measure_precision(total_loss, parameters, dtype, device, seed=seed)

@@ -21,7 +21,6 @@ over the ranks, and only rank 0 writes files. With one process all of that is a 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from collections.abc import Iterator
@@ -45,7 +44,8 @@ from semiseg.engine.checkpoint import (
 )
 from semiseg.engine.inference import predict_volume
 from semiseg.engine.logging import RunLogger
-from semiseg.engine.objective import combine_losses
+from semiseg.engine.metrics import quick_dice
+from semiseg.engine.optim import build_optimizer, learning_rate
 from semiseg.engine.setup import (
     RunData,
     batch_loader,
@@ -64,25 +64,6 @@ from semiseg.errors import (
 from semiseg.methods.base import Batch, Method, StepInfo
 from semiseg.utils.io import atomic_write_json
 from semiseg.utils.seed import seed_everything
-
-
-def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float) -> float:
-    """Poly decay ``base_lr * (1 - iteration / max_iterations) ** power``."""
-    return base_lr * (1.0 - iteration / max_iterations) ** power
-
-
-def quick_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
-    """Per-class Dice (classes 1..C-1) for model selection during training.
-
-    As GALoss's validation: a class empty in both masks scores 0 (not 1), so selection favours
-    networks that find every organ. One bincount over (ref, pred) pairs instead of C boolean
-    passes, because validation runs often.
-    """
-    joint = np.bincount(ref.astype(np.int64).ravel() * num_classes + pred.astype(np.int64).ravel(),
-                        minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-    inter = np.diag(joint)[1:].astype(np.float64)
-    sizes = joint.sum(0)[1:] + joint.sum(1)[1:]
-    return np.divide(2.0 * inter, sizes, out=np.zeros_like(inter), where=sizes > 0)
 
 
 @dataclass
@@ -147,13 +128,7 @@ class Trainer:
             self.method.to(memory_format=torch.channels_last_3d)
         if train.compile:
             distributed.compile_networks(self.method)
-        groups = self.method.parameter_groups(cfg.train.weight_decay)
-        if cfg.train.optimizer == "adamw":
-            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
-        else:
-            self.optimizer = torch.optim.SGD(groups, lr=cfg.train.lr,
-                                             momentum=cfg.train.momentum,
-                                             nesterov=cfg.train.nesterov)
+        self.optimizer = build_optimizer(self.method.parameter_groups(train.weight_decay), train)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
         # DDP (several processes) broadcasts rank 0's weights here, EMA teachers included.
@@ -275,9 +250,7 @@ class Trainer:
 
     def _step(self, batch: Batch, step: StepInfo) -> dict[str, float]:
         train = self.config.train
-        horizon = train.lr_schedule_iterations or train.max_iterations
-        lr = (poly_lr(train.lr, min(step.iteration, horizon - 1), horizon, train.poly_power)
-              if train.lr_schedule == "poly" else train.lr)
+        lr = learning_rate(train, step.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = batch.to(self.device)
@@ -315,23 +288,15 @@ class Trainer:
         return logs
 
     def _check_precision(self) -> dict[str, object]:
-        """The numerics self-check of :mod:`semiseg.engine.precision` on a copy of the method,
-        with the run's first batch and every scheduled loss term switched on (the last step's
-        weights); every rank checks its own device and all stop if one fails."""
-        probe = copy.deepcopy(self.method)
-        probe.train()
+        """The numerics self-check of :mod:`semiseg.engine.precision` with the run's first
+        batch and every scheduled loss term switched on (the last step's weights); every rank
+        checks its own device and all stop if one fails."""
         batch = Batch.from_dict(self.data.batches[0]).to(self.device)
         last = StepInfo(self.config.train.max_iterations - 1, self.config.train.max_iterations,
                         self.data.iterations_per_epoch)
-        scales = self.config.train.loss_weights
-
-        def total_loss() -> torch.Tensor:
-            terms = probe.training_step(batch, last)
-            return combine_losses(terms, probe.loss_weights(last), scales)[0]
-
-        parameters = {n: p for n, p in probe.named_parameters() if p.requires_grad}
-        result = precision.measure_precision(total_loss, parameters, self.amp_dtype,
-                                             self.device, seed=self.config.experiment.seed)
+        result = precision.measure_method_precision(
+            self.method, batch, last, self.config.train.loss_weights, self.amp_dtype,
+            self.device, seed=self.config.experiment.seed)
         bound = precision.BOUNDS[self.amp_dtype]
         verdicts = distributed.gather_objects((result, result.failures(bound)), self.dist)
         for rank_result, failures in verdicts:
