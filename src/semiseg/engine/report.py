@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from semiseg.engine.convergence import convergence_table, row_convergence
 from semiseg.engine.metrics_file import METRICS_FILENAME, read_metrics
 from semiseg.engine.paired import (
     comparisons_to_json,
@@ -306,15 +307,19 @@ def write_report(
                 [a for a in aggregates if a.setting == setting], out_dir / name))
             charts[setting] = name
     curves_name = None
-    if plots:
-        curves: dict[str, list] = {}
-        for run in runs:
-            curve = read_validation_curve(run.folder / "log.csv") if run.folder else None
-            if curve is not None and run.result.run is not None:
-                curves.setdefault(run.result.run.method, []).append(curve)
-        if curves:
-            curves_name = "validation_dice.png"
-            written.append(plot_validation_curves(curves, out_dir / curves_name))
+    curves: dict[str, list] = {}
+    for run in runs:
+        curve = read_validation_curve(run.folder / "log.csv") if run.folder else None
+        if curve is not None and run.result.run is not None:
+            curves.setdefault(run.result.run.method, []).append(curve)
+    convergence = convergence_table(row_convergence(curves)) if curves else None
+    if convergence is not None:
+        for ext, text in render_table(convergence).items():
+            atomic_write_text(out_dir / f"{convergence.name}.{ext}", text)
+            written.append(out_dir / f"{convergence.name}.{ext}")
+    if plots and curves:
+        curves_name = "validation_dice.png"
+        written.append(plot_validation_curves(curves, out_dir / curves_name))
     for overlay in drawings:
         image, label, pred = overlay.volumes
         written.append(plot_overlay(image, label, pred, overlay.run.class_set,
@@ -347,6 +352,8 @@ def write_report(
     if curves_name:
         lines += ["## Validation Dice during training (mean ± std over seeds; thin: each seed)",
                   "", f"![{curves_name}]({curves_name})", ""]
+    if convergence is not None:
+        lines += ["## Convergence", "", to_markdown(convergence), ""]
     if drawings or notes or copied:
         lines += ["## Overlays (left: ground truth, right: prediction)", ""]
         for o in drawings:
