@@ -285,13 +285,13 @@ def test_scaled_init_needs_no_data_and_balanced_input_is_exact() -> None:
                      controller_input="balanced", **TINY)
     assert torch.equal(a.controller.weight, b.controller.weight)  # built, never run on data
     assert torch.count_nonzero(a.controller.bias) == 0
-    # Balanced: each half has norm sqrt(E) times its gain, so the input's squared norm is 2E.
-    assert a.expected_controller_input_sq_norm() == pytest.approx(2 * a.embed_dim)
+    # Balanced: each half has norm gain / sqrt(2), so the input has unit norm at the start.
+    assert a.expected_controller_input_sq_norm() == pytest.approx(1.0)
     image = torch.rand(2, 1, 32, 32, 32)
     with torch.no_grad():
         pair = controller_input_of(a.image_feature(a.encode(image)), a.text_condition(),
                                    a.input_gains)
-    assert pair.pow(2).sum(-1).mean().item() == pytest.approx(2 * a.embed_dim, rel=1e-4)
+    assert pair.pow(2).sum(-1).mean().item() == pytest.approx(1.0, rel=1e-4)
     assert count_parameters(a) == count_parameters(_tiny(classes=4)) + 2  # the two gains
     with pytest.raises(ConfigError, match="controller_init: 'he' is not one of official, scaled"):
         create_model("tak", 4, text_dim=8, controller_init="he", **TINY)

@@ -295,9 +295,8 @@ class TAKNet(MagicNet):
         """``E||[image feature, text condition]||²`` at the current parameters, without data:
         exact for the balanced input, the text half exact and the image half at its
         expectation for the official one (models/tak_controller.py)."""
-        embed = self.embed_dim
         if self.input_gains is not None:
-            return float(embed * self.input_gains.pow(2).sum())
+            return float(self.input_gains.pow(2).sum() / 2.0)
         image = expected_image_feature(list(self.image_pooling))
         text = self.text_condition()
         return float(image.pow(2).sum() + text.pow(2).sum(-1).mean())

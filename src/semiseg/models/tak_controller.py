@@ -6,9 +6,14 @@ are not in the paper or the official code (docs/methods/tak.md, "The dynamic hea
 
 * **Input balance** (``controller_input: balanced``). Officially the two halves enter as they
   come; at initialisation the image half has norm 1.6-2.2 and the text half 0.3-0.65, so the
-  generated heads are 90-97 % alike across classes. ``balanced`` scales each half to unit root
-  mean square (norm ``sqrt(E)``) and multiplies it by a learnable gain (one per half, starting at
-  1), so neither half dominates and ``||input||² = E (g_image² + g_text²)`` exactly.
+  generated heads are 90-97 % alike across classes. ``balanced`` scales each half to norm
+  ``1/sqrt(2)`` and multiplies it by a learnable gain (one per half, starting at 1), so neither
+  half dominates and ``||input||² = (g_image² + g_text²) / 2``: 1 at the start. The unit norm
+  matters for training, not only for the start: an SGD step on the controller moves a
+  generated parameter ``w_j · x`` by ``lr ||x||²`` times its gradient, so with halves of norm
+  ``sqrt(E)`` (``||x||² = 2E = 512`` at the phantom's width) the generated head took steps
+  hundreds of times a static head's and TAK diverged at iteration 5 at the protocol's lr 0.1;
+  with ``||x|| = 1`` it learns at the rate of a static 1x1x1 head.
   ``centered`` first subtracts the mean over classes from the text half: the part every class
   shares generates the same head for every class, which softmax ignores, and the class text
   conditions are mostly that part (their cosines are high), so without centring even the
@@ -19,7 +24,7 @@ are not in the paper or the official code (docs/methods/tak.md, "The dynamic hea
   ``s = target / sqrt(E||x||²)`` gives the generated parameters the standard deviation
   ``target``: He's ``sqrt(2 / h)`` for W1 and W2 (a ReLU follows), and PyTorch's default
   ``1 / sqrt(3 h)`` for W3 and the biases, as a static 1x1x1 convolution starts. ``E||x||²`` is
-  computed without data: exactly ``E (g_image² + g_text²)`` for the balanced input; for the
+  computed without data: exactly ``(g_image² + g_text²) / 2`` for the balanced input; for the
   official input, the text half exactly (it depends on parameters only) and the image half at
   its expectation (:func:`expected_image_feature`).
 """
@@ -37,25 +42,28 @@ CONTROLLER_INITS = ("official", "scaled")
 _EPS = 1e-6
 
 
-def rms_normalize(x: Tensor) -> Tensor:
-    """``x`` scaled to unit root mean square along its last axis (norm ``sqrt(width)``)."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _EPS)
+_HALF = 1.0 / math.sqrt(2.0)  # each balanced half's norm, so the whole input has norm 1
+
+
+def unit_normalize(x: Tensor) -> Tensor:
+    """``x`` scaled to unit L2 norm along its last axis."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + _EPS)
 
 
 def controller_input(image_feature: Tensor, text: Tensor, gains: Tensor | None,
                      center: bool = False) -> Tensor:
     """``[B, C, 2E]``: every image's feature ``[B, E]`` beside every class's text ``[C, E]``.
 
-    ``gains`` (two scalars) selects the balanced input: each half RMS-normalised and scaled by
-    its gain; ``None`` is the official concatenation as it comes. ``center`` subtracts the mean
-    over classes from the text first (``controller_input: centered``).
+    ``gains`` (two scalars) selects the balanced input: each half scaled to norm
+    ``gain / sqrt(2)``; ``None`` is the official concatenation as it comes. ``center``
+    subtracts the mean over classes from the text first (``controller_input: centered``).
     """
     b, c = image_feature.size(0), text.size(0)
     if center:
         text = text - text.mean(0, keepdim=True)
     if gains is not None:
-        image_feature = rms_normalize(image_feature) * gains[0]
-        text = rms_normalize(text) * gains[1]
+        image_feature = unit_normalize(image_feature) * (gains[0] * _HALF)
+        text = unit_normalize(text) * (gains[1] * _HALF)
     return torch.cat([image_feature[:, None].expand(b, c, -1),
                       text[None].expand(b, c, -1)], dim=-1)
 
