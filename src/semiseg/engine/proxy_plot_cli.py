@@ -10,9 +10,9 @@ from pathlib import Path
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``plot-proxies`` to the ``semiseg`` command line (``handler`` -> exit status)."""
     parser = subparsers.add_parser(
-        "plot-proxies", help="plot an SCDL run's class proxies among its bottleneck tokens",
-        description="Rebuild an scdl_* run from its checkpoint, embed the bottleneck tokens of "
-        "a few labeled cases (cut into training-size crops), and scatter tokens (coloured by "
+        "plot-proxies", help="plot an SCDL run's class proxies among its tokens",
+        description="Rebuild an scdl_* run from its checkpoint, embed the tokens (as the "
+        "run's scdl.tokens takes them) of a few labeled cases (cut into training-size crops), and scatter tokens (coloured by "
         "class) and the learned proxy means (stars) in their 2-D PCA plane. Writes a PNG.")
     parser.add_argument("run", type=Path, help="a run folder (uses checkpoints/best.pt, else "
                         "last.pt) or a checkpoint file")
@@ -24,8 +24,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--network", type=int, default=0,
                         help="which network's proxies (CPS: 0 = A, 1 = B; default 0)")
     parser.add_argument("--token-class", choices=["any", "majority"], default="any",
-                        help="a token counts for every class in its 16^3 cell (any, as SAC) or "
-                        "for its most frequent one (majority)")
+                        help="a token counts for every class in its cell (any, as SAC) or for "
+                        "its most frequent one (majority)")
     parser.add_argument("--max-tokens-per-class", type=int, default=400,
                         help="tokens drawn per class at most (default 400)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
