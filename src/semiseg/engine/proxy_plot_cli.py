@@ -12,8 +12,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "plot-proxies", help="plot an SCDL run's class proxies among its tokens",
         description="Rebuild an scdl_* run from its checkpoint, embed the tokens (as the "
-        "run's scdl.tokens takes them) of a few labeled cases (cut into training-size crops), and scatter tokens (coloured by "
-        "class) and the learned proxy means (stars) in their 2-D PCA plane. Writes a PNG.")
+        "run's scdl.tokens takes them) of a few labeled cases (cut into training-size crops), "
+        "and scatter tokens (coloured by class) and the learned proxy means (stars) in their "
+        "2-D PCA plane. Writes a PNG.")
     parser.add_argument("run", type=Path, help="a run folder (uses checkpoints/best.pt, else "
                         "last.pt) or a checkpoint file")
     parser.add_argument("--out", type=Path, default=None,
