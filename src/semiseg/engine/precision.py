@@ -28,13 +28,16 @@ import math
 import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from semiseg.errors import ConfigError, NumericsError
+
+if TYPE_CHECKING:
+    from semiseg.methods.base import Batch, StepInfo
 
 DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -255,7 +258,7 @@ def loss_failure_message(value: float, iteration: int, terms: Mapping[str, float
             f"checkpoint holds the weights before it. Try: {advice}")
 
 
-def measure_method_precision(method: nn.Module, batch: Any, step: Any,
+def measure_method_precision(method: nn.Module, batch: Batch, step: StepInfo,
                              scales: Mapping[str, float], dtype: torch.dtype,
                              device: torch.device, seed: int = 0) -> PrecisionCheck:
     """:func:`measure_precision` of a method's weighted training loss on one batch at ``step``
