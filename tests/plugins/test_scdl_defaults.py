@@ -172,6 +172,21 @@ def test_the_host_loss_reaches_mu_and_sigma_and_proxies_move_the_logits() -> Non
     assert change > 1e-3 and not torch.equal(zeroed, before)
 
 
+def test_detach_prior_mean_leaves_mu_to_the_scdl_terms() -> None:
+    method = _build(detach_prior_mean=True)
+    _, cdba = method.proxy_networks()[0]
+    step = StepInfo(10, 100)
+    terms = method.training_step(_batch(), step)
+    weights = method.loss_weights(step)
+    host = sum(weights.get(k, 1.0) * v for k, v in terms.items() if not k.startswith("scdl_"))
+    grad_mu, grad_rho = torch.autograd.grad(host, [cdba.proxy_mean, cdba.proxy_rho],
+                                            allow_unused=True)
+    assert grad_mu is None or grad_mu.norm() == 0  # the host no longer moves the means
+    assert grad_rho is not None and grad_rho.norm() > 0  # sigma still learns through samples
+    scdl = sum(weights[k] * v for k, v in terms.items() if k.startswith("scdl_"))
+    assert torch.autograd.grad(scdl, cdba.proxy_mean)[0].norm() > 0
+
+
 def test_scdl_changes_the_encoder_gradient_and_says_by_how_much() -> None:
     method = _build(classes=14)
     network = method.proxy_networks()[0][0]

@@ -168,7 +168,7 @@ class CDBA(nn.Module):
         concatenation). Random in training; the means in eval (see the module docstring).
         """
         opts = self.options
-        mu = self.proxy_mean
+        mu = self.proxy_mean.detach() if opts.detach_prior_mean else self.proxy_mean
         stochastic = self.training or opts.stochastic_eval
         if stochastic:
             z_sam = token_sampling_prior(z, self.noise_scale, opts.token_samples,

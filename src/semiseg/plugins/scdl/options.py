@@ -68,6 +68,11 @@ class SCDLOptions:
     prior_bias: bool = False  # bias of the 1x1x1 prior projections (official: none)
     zero_init_projection: bool = False  # start as the exact host (prior projections = 0)
     stochastic_eval: bool = False  # sample proxies and token noise in eval mode too
+    # The prior reads the proxy means without gradient, so that only Eq. 3, 4 and 8 move them
+    # (sigma still learns through the sampled proxies). With gradient (paper, official), the
+    # host's segmentation loss gives mu about 50x the gradient of the SCDL terms on a trained
+    # SCDL-GA-CPS (docs/methods/scdl.md) and decides where the proxies go.
+    detach_prior_mean: bool = False
     # -- losses --------------------------------------------------------------------------
     loss: Literal["paper", "official"] = "paper"  # Eq. 3 + Eq. 4 / official proxy loss + KL
     e2p_reduction: Literal["mean", "sum"] = "mean"  # Eq. 3 over tokens (paper: sum)
