@@ -135,9 +135,9 @@ def dynamic_head(feature: Tensor, params: Tensor, channels: int = 8,
         flat = feature.reshape(b, h, -1)
         voxels = flat.size(-1)
         # Voxel chunks keep each chunk's [B, C h, chunk] hidden maps in cache: forward +
-        # backward 2.5x faster than one pass over the whole crop (benchmarks/tak_head_speed.py),
-        # the same logits to the bit (each voxel's products are unchanged), parameter gradients
-        # summed in a different order (float rounding).
+        # backward about 1.8x faster than one pass over the whole crop
+        # (benchmarks/tak_head_speed.py), the same logits to the bit (each voxel's products are
+        # unchanged), parameter gradients summed in a different order (float rounding).
         if chunk_voxels < 1:
             raise ValueError(f"chunk_voxels must be >= 1, got {chunk_voxels}")
         chunks = [_head_bmm(flat[..., start:start + chunk_voxels], w1, w2, w3, b1, b2, b3)
