@@ -25,21 +25,13 @@ from torch import Tensor
 
 def proxy_gradients(run_dir: Path, checkpoint_name: str = "last") -> tuple[int, dict]:
     """``(iteration, {term: (|d/dmu|, |d/drho|)})`` plus ``host``/``scdl`` sums and cosines."""
-    from semiseg.data.classes import get_class_set
-    from semiseg.engine.checkpoint import load_checkpoint
-    from semiseg.engine.proxy_plot import case_crops
-    from semiseg.engine.runs import config_from_checkpoint
-    from semiseg.engine.setup import build_method_for, open_split, open_store
+    from semiseg.engine.proxy_plot import case_crops, load_scdl_run
+    from semiseg.engine.setup import open_split, open_store
     from semiseg.methods.base import Batch, StepInfo
-    from semiseg.plugins.scdl.method import TERM_PREFIX, SCDLMethod
+    from semiseg.plugins.scdl.method import TERM_PREFIX
 
-    payload = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint_name}.pt")
-    config = config_from_checkpoint(payload, None)
-    class_set = get_class_set(payload.get("class_set") or config.data.dataset)
-    method = build_method_for(config, class_set=class_set)
-    if not isinstance(method, SCDLMethod) or not method.proxy_networks():
-        raise SystemExit(f"{run_dir}: not an SCDL run with proxies")
-    method.load_state_dict(payload["method"])
+    run = load_scdl_run(run_dir / "checkpoints" / f"{checkpoint_name}.pt")
+    payload, config, method = run.payload, run.config, run.method
     method.train()
     _, store = open_store(config)
     split = open_split(config, store)
@@ -82,7 +74,12 @@ def main() -> None:
                         help="which checkpoint of the run")
     args = parser.parse_args()
     torch.manual_seed(0)
-    iteration, out = proxy_gradients(args.run, args.checkpoint)
+    from semiseg.errors import SemisegError
+
+    try:
+        iteration, out = proxy_gradients(args.run, args.checkpoint)
+    except SemisegError as exc:  # one line naming the run, never a traceback
+        raise SystemExit(f"error: {exc}") from None
     print(f"{args.run} at iteration {iteration}: gradient norm of each weighted term")
     print(f"  {'term':16s} {'d/d mu':>10s} {'d/d rho':>10s}")
     for name, (mu, rho) in out.items():

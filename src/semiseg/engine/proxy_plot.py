@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +36,10 @@ from semiseg.data.classes import ClassSet
 from semiseg.engine.plots import class_colors, save_figure
 from semiseg.errors import DataError, SemisegError
 from semiseg.losses.scdl import token_class_proportions
+
+if TYPE_CHECKING:  # annotations only: the method layer is imported where it is used
+    from semiseg.config import Config
+    from semiseg.plugins.scdl.method import SCDLMethod
 
 TokenClassRule = Literal["any", "majority"]
 BACKGROUND_RGB = (0.62, 0.62, 0.62)
@@ -198,6 +203,44 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class SCDLRun:
+    """An ``scdl_*`` run rebuilt from one of its checkpoints (weights loaded, on the CPU)."""
+
+    checkpoint: Path
+    payload: dict[str, Any]
+    config: Config
+    class_set: ClassSet
+    method: SCDLMethod
+
+
+def load_scdl_run(path: str | Path, overrides: list[str] | None = None) -> SCDLRun:
+    """Rebuild the SCDL method of a run folder (its best, else last checkpoint) or of one
+    checkpoint file, with the checkpoint's weights. One clear error when the run is not an
+    ``scdl_*`` run with proxies, or when the weights do not fit its configuration."""
+    from semiseg.data.classes import get_class_set
+    from semiseg.engine.checkpoint import load_checkpoint
+    from semiseg.engine.runs import config_from_checkpoint
+    from semiseg.engine.setup import build_method_for
+    from semiseg.errors import CheckpointError
+    from semiseg.plugins.scdl.method import SCDLMethod
+
+    checkpoint = resolve_checkpoint(path)
+    payload = load_checkpoint(checkpoint)
+    config = config_from_checkpoint(payload, overrides)
+    class_set = get_class_set(payload.get("class_set") or config.data.dataset)
+    method = build_method_for(config, class_set=class_set)
+    if not isinstance(method, SCDLMethod) or not method.proxy_networks():
+        raise SemisegError(f"{checkpoint}: method {config.method.name!r} has no SCDL proxies "
+                           "(an scdl_* run with cdba on is needed)")
+    try:
+        method.load_state_dict(payload["method"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{checkpoint}: weights do not fit the configured method "
+                              f"({exc})") from None
+    return SCDLRun(checkpoint, payload, config, class_set, method)
+
+
 def tile_starts(shape: Sequence[int], patch: Sequence[int]) -> list[tuple[int, ...]]:
     """Crop starts covering a volume of ``shape`` with ``patch``-sized crops, evenly spread.
 
@@ -242,27 +285,12 @@ def plot_proxies(path: str | Path, out: str | Path | None = None, cases: int = 2
     embed; ``network``: which of the method's networks (CPS: 0 = A, 1 = B). Writes ``out``
     (default: ``proxies.png`` in the run folder, or next to the checkpoint).
     """
-    from semiseg.data.classes import get_class_set
-    from semiseg.engine.checkpoint import load_checkpoint
-    from semiseg.engine.runs import config_from_checkpoint
-    from semiseg.engine.setup import build_method_for, open_split, open_store
-    from semiseg.errors import CheckpointError
-    from semiseg.plugins.scdl.method import SCDLMethod
+    from semiseg.engine.setup import open_split, open_store
     from semiseg.utils.seed import resolve_device
 
-    checkpoint = resolve_checkpoint(path)
-    payload = load_checkpoint(checkpoint)
-    config = config_from_checkpoint(payload, overrides)
-    class_set = get_class_set(payload.get("class_set") or config.data.dataset)
-    method = build_method_for(config, class_set=class_set)
-    if not isinstance(method, SCDLMethod) or not method.proxy_networks():
-        raise SemisegError(f"{checkpoint}: method {config.method.name!r} has no SCDL proxies "
-                           "(plot-proxies needs an scdl_* run with cdba on)")
-    try:
-        method.load_state_dict(payload["method"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{checkpoint}: weights do not fit the configured method "
-                              f"({exc})") from None
+    run = load_scdl_run(path, overrides)
+    checkpoint, payload, config, class_set, method = (
+        run.checkpoint, run.payload, run.config, run.class_set, run.method)
     pairs = method.proxy_networks()
     if not 0 <= network < len(pairs):
         raise SemisegError(f"--network {network}: method {config.method.name!r} has "
