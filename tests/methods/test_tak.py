@@ -285,6 +285,35 @@ def test_text_controls_and_row_norm(embedding_file: Path) -> None:
                           base / base.norm(dim=-1, keepdim=True), atol=1e-6)
 
 
+
+@pytest.mark.parametrize("controller_input", ["centered", "official"])
+def test_shared_text_gives_every_class_the_same_logit_for_good(
+        embedding_file: Path, controller_input: str) -> None:
+    # Control (d) of docs/methods/tak.md: with one text vector for every class the controller
+    # writes the same head for every class, and training cannot break the tie (every class's
+    # head gets its gradient through the same controller from the same input), so the logits
+    # stay equal across classes and argmax is background everywhere: 0 Dice by construction.
+    torch.manual_seed(0)
+    method = build_method("tak", _context(controller_input=controller_input),
+                          {"cube_size": 16, "embeddings": str(embedding_file),
+                           "text_control": "shared"})
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.05, momentum=0.9)
+    image = _batch().image[:1]
+    for iteration in range(3):
+        logits = method.network(image)
+        assert torch.allclose(logits, logits[:, :1].expand_as(logits), atol=1e-6), iteration
+        method.train()
+        terms = method.training_step(_batch(), StepInfo(iteration, 100, 1))
+        weights = method.loss_weights(StepInfo(iteration, 100, 1))
+        optimizer.zero_grad()
+        sum(weights.get(k, 1.0) * v for k, v in terms.items()).backward()
+        optimizer.step()
+    assert method.network(image).argmax(1).eq(0).all()
+    # With the packaged (distinct) texts the classes differ from the start.
+    distinct = _method(embedding_file).network(image)
+    assert (distinct - distinct[:, :1]).abs().amax() > 1e-3
+
+
 def test_resuming_keeps_the_trained_controller(embedding_file: Path) -> None:
     # The analytic initialisation happens when the network is built, from no data; a resumed
     # run then loads its checkpoint over it, so the trained controller is what it continues.
