@@ -70,3 +70,34 @@ def test_compare_scdl_rows_are_their_hosts_plus_the_plug_in(row: str, host: str)
     assert dict(with_scdl.method.options)["host"] == dict(plain.method.options)
     for section in ("data", "model", "train", "inference", "evaluation"):
         assert getattr(with_scdl, section) == getattr(plain, section), section
+
+
+SCHEDULE_KEYS = {"rampup_interval", "blend_start_iteration", "logger_refresh_every",
+                 "contrast_start_epoch", "entropy_rampup_epochs", "rampup_length"}
+
+
+def _schedule_values(options: dict, prefix: str = "") -> dict[str, float]:
+    found: dict[str, float] = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            found.update(_schedule_values(value, f"{prefix}{key}."))
+        elif key in SCHEDULE_KEYS:
+            found[prefix + key] = float(value)
+    return found
+
+
+def test_the_converged_grid_doubles_every_iteration_schedule_with_the_run() -> None:
+    # grid_converged.yaml runs the rows of grid.yaml twice as long; a schedule constant left
+    # at its 1,800-iteration value would silently change the method, not just its length.
+    short = {c.row: c.config for c in grid_cells(load_grid(REPO / "configs/compare/grid.yaml"))}
+    long = {c.row: c.config for c in grid_cells(
+        load_grid(REPO / "configs/compare/grid_converged.yaml"))}
+    assert set(long) == set(short)
+    for row, config in long.items():
+        factor = config.train.max_iterations / short[row].train.max_iterations
+        assert factor == (6000 / 1800 if row == "vnet_upper" else 2.0), row
+        before = _schedule_values(dict(short[row].method.options))
+        after = _schedule_values(dict(config.method.options))
+        assert set(after) == set(before), row
+        for key, value in before.items():
+            assert after[key] == pytest.approx(2 * value), (row, key)
