@@ -217,3 +217,23 @@ def test_validation_curves_are_read_from_the_log_and_plotted(tmp_path: Path) -> 
     out = plot_validation_curves({"a": [(iterations, dice), (np.array([20]), np.array([5.0]))]},
                                  tmp_path / "curves.png", dpi=50)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_warns_when_a_run_predicted_nothing(tmp_path: Path) -> None:
+    # Under the GALoss rule an all-background prediction records Dice 0 and ASD 0 for every
+    # class, so without a warning the run that predicts nothing gets the bold (best) ASD.
+    _, label, pred = toy_volumes(1)
+    good = make_run(tmp_path / "good" / "seed0", "good", 0, 1)
+    empty = tmp_path / "empty" / "seed0"
+    run = RunInfo("empty", "synapse", 0.2, seed=0)
+    write_metrics(evaluate_cases([("0001", np.zeros_like(pred), label),
+                                  ("0002", pred, label)], SYNAPSE, run=run,
+                                 show_progress=False), empty)
+    write_report([good, empty], tmp_path / "out", plots=False)
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "## Warning: empty predictions" in report
+    assert "records Dice 0 and ASD 0 for every class" in report
+    assert "- empty seed 0: 1 of 2 cases" in report
+    assert "good seed" not in report
+    write_report([good], tmp_path / "clean", plots=False)
+    assert "Warning" not in (tmp_path / "clean" / "report.md").read_text(encoding="utf-8")

@@ -32,6 +32,7 @@ from semiseg.engine.paired import (
     plot_paired,
 )
 from semiseg.engine.results import EvaluationResult
+from semiseg.engine.rules import MISSING_RULES
 from semiseg.engine.tables import (
     LAYOUTS,
     MethodAggregate,
@@ -240,6 +241,30 @@ def _runs_table(runs: list[_Run]) -> list[str]:
     return lines
 
 
+def empty_prediction_warning(results: Sequence[EvaluationResult]) -> list[str]:
+    """Markdown lines warning about runs that predicted no foreground on some cases (none when
+    every prediction has foreground). Under the GALoss rule such a case records ASD 0 for every
+    class (the official code's special case), so a run that predicts nothing would otherwise
+    look best on ASD."""
+    hits = [(r, sum(c.empty_prediction for c in r.cases), len(r.cases)) for r in results]
+    hits = [h for h in hits if h[1]]
+    if not hits:
+        return []
+    rule = MISSING_RULES.get(hits[0][0].rule)
+    outcome = rule.empty_prediction if rule else None
+    records = (f"Dice {outcome.dice:g} and ASD {outcome.asd:g} for every class"
+               if outcome else "every class as missed")
+    lines = ["## Warning: empty predictions", "",
+             f"Some runs predicted no foreground at all on some test cases. Under the "
+             f"missing-class rule `{hits[0][0].rule}` such a case records {records}, so the "
+             "ASD of these runs (and its bold) reads better than it is:", ""]
+    for result, empty, total in hits:
+        info = result.run
+        name = f"{info.method} seed {info.seed}" if info else (result.source or "run")
+        lines.append(f"- {name}: {empty} of {total} cases")
+    return [*lines, ""]
+
+
 def write_report(
     sources: RunSource | Sequence[RunSource],
     out_dir: str | Path,
@@ -339,6 +364,7 @@ def write_report(
              f"{len(runs)} runs, {len(aggregates)} method/setting groups. Dice in %, ASD in "
              f"{first.asd_unit}s; missing-class rule `{first.rule}`; mean±std over seeds, "
              f"std {std}; bold = best in its column.", ""]
+    lines += empty_prediction_warning([run.result for run in runs])
     for table in tables:
         links = " · ".join(f"[{ext}]({table.name}.{ext})" for ext in ("csv", "json", "tex"))
         lines += [f"## {_heading(table.name)}", "", to_markdown(table), links, ""]
