@@ -235,5 +235,13 @@ def test_report_warns_when_a_run_predicted_nothing(tmp_path: Path) -> None:
     assert "records Dice 0 and ASD 0 for every class" in report
     assert "- empty seed 0: 1 of 2 cases" in report
     assert "good seed" not in report
+    # Under the DHC rule an empty prediction is scored as missed classes (ASD 128): no bonus.
+    dhc = tmp_path / "dhc" / "seed0"
+    write_metrics(evaluate_cases([("0001", np.zeros_like(pred), label)], SYNAPSE, rule="dhc",
+                                 run=RunInfo("dhc", "synapse", 0.2, seed=0),
+                                 show_progress=False), dhc)
+    write_report([dhc], tmp_path / "dhc_out", plots=False)
+    text = (tmp_path / "dhc_out" / "report.md").read_text(encoding="utf-8")
+    assert "scores every class as missed" in text and "- dhc seed 0: 1 of 1 cases" in text
     write_report([good], tmp_path / "clean", plots=False)
     assert "Warning" not in (tmp_path / "clean" / "report.md").read_text(encoding="utf-8")

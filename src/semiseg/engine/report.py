@@ -252,12 +252,14 @@ def empty_prediction_warning(results: Sequence[EvaluationResult]) -> list[str]:
         return []
     rule = MISSING_RULES.get(hits[0][0].rule)
     outcome = rule.empty_prediction if rule else None
-    records = (f"Dice {outcome.dice:g} and ASD {outcome.asd:g} for every class"
-               if outcome else "every class as missed")
+    if outcome is not None and rule is not None and outcome.asd < rule.missed.asd:
+        effect = (f"records Dice {outcome.dice:g} and ASD {outcome.asd:g} for every class, so "
+                  "the ASD of these runs (and its bold) reads better than it is")
+    else:
+        effect = "scores every class as missed, so these runs' numbers reflect predicting nothing"
     lines = ["## Warning: empty predictions", "",
              f"Some runs predicted no foreground at all on some test cases. Under the "
-             f"missing-class rule `{hits[0][0].rule}` such a case records {records}, so the "
-             "ASD of these runs (and its bold) reads better than it is:", ""]
+             f"missing-class rule `{hits[0][0].rule}` such a case {effect}:", ""]
     for result, empty, total in hits:
         info = result.run
         name = f"{info.method} seed {info.seed}" if info else (result.source or "run")
