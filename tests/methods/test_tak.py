@@ -308,7 +308,11 @@ def test_shared_text_gives_every_class_the_same_logit_for_good(
         optimizer.zero_grad()
         sum(weights.get(k, 1.0) * v for k, v in terms.items()).backward()
         optimizer.step()
-    assert method.network(image).argmax(1).eq(0).all()
+    # Still tied after the last step. (The tie is what makes argmax pick background; the test
+    # checks the tie itself, since which of near-equal floats argmax takes can depend on the
+    # CPU's kernels.)
+    logits = method.network(image)
+    assert torch.allclose(logits, logits[:, :1].expand_as(logits), atol=1e-6)
     # With the packaged (distinct) texts the classes differ from the start.
     distinct = _method(embedding_file).network(image)
     assert (distinct - distinct[:, :1]).abs().amax() > 1e-3
