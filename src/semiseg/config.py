@@ -118,7 +118,7 @@ class TrainConfig:
     distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPU, else gloo
     # BatchNorm -> SyncBatchNorm: auto = on GPU with > 1 process; false keeps per-process stats.
     sync_batchnorm: Literal["auto", True, False] = "auto"
-    channels_last: bool = False  # channels-last-3d weights and inputs (GPU convolutions)
+    channels_last: bool = False  # channels-last-3d weights and inputs (cuDNN and oneDNN kernels)
     compile: bool = False  # torch.compile each network of the method
     cudnn_benchmark: bool = True  # cuDNN autotuning (always off in experiment.deterministic)
 
