@@ -78,7 +78,7 @@ def test_channels_last_trains_the_same_as_the_plain_layout(name: str,
     expected, expected_grads = _one_step(plain, Batch(image, label[:labeled], labeled, names))
     got, got_grads = _one_step(last, Batch(image.contiguous(memory_format=CL), label[:labeled],
                                            labeled, names))
-    # Float rounding only: the losses agree to about 1e-5 here. The gradients of these tiny
+    # Float rounding only: the losses agree to 1e-4 or better here. The gradients of these tiny
     # batch-normalised networks are ill-conditioned (a float64 reference puts the plain layout's
     # own per-parameter error at up to 1 %, channels-last's at up to 9 %: oneDNN accumulates
     # the weight gradients in another order), so they are compared as one vector, where
