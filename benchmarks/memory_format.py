@@ -38,6 +38,7 @@ def _measure(method_name: str, patch: int, n_filters: int, threads: int, repeats
 
     from semiseg.catalog import build_method
     from semiseg.data.classes import get_class_set
+    from semiseg.engine.objective import combine_losses
     from semiseg.methods.base import Batch, MethodContext, StepInfo
 
     torch.set_num_threads(threads)
@@ -72,8 +73,7 @@ def _measure(method_name: str, patch: int, n_filters: int, threads: int, repeats
             step = StepInfo(it + 200, 1000, 16)  # past warm-up phases (MagicNet's blending)
             start = time.perf_counter()
             terms = method.training_step(batch, step)
-            weights = method.loss_weights(step)
-            total = sum(weights.get(key, 1.0) * value for key, value in terms.items())
+            total, _ = combine_losses(terms, method.loss_weights(step), {})  # the trainer's sum
             optimizers[name].zero_grad(set_to_none=True)
             total.backward()
             optimizers[name].step()

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from semiseg.catalog import build_method
+from semiseg.engine.objective import combine_losses
 from semiseg.knowledge.embeddings import TextEmbeddings, save_embeddings
 from semiseg.methods.base import Batch, Method, MethodContext, StepInfo
 
@@ -54,8 +55,7 @@ def _one_step(method: Method, batch: Batch) -> tuple[dict[str, float], dict[str,
     torch.manual_seed(100)  # the same random draws in both layouts
     step = StepInfo(30, 100, 4)  # past MagicNet's blending start
     terms = method.training_step(batch, step)
-    weights = method.loss_weights(step)
-    total = sum(weights.get(key, 1.0) * value for key, value in terms.items())
+    total, _ = combine_losses(terms, method.loss_weights(step), {})  # the trainer's objective
     total.backward()
     grads = {name: p.grad.detach().contiguous() for name, p in method.named_parameters()
              if p.grad is not None}
