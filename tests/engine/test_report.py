@@ -245,3 +245,21 @@ def test_report_warns_when_a_run_predicted_nothing(tmp_path: Path) -> None:
     assert "scores every class as missed" in text and "- dhc seed 0: 1 of 1 cases" in text
     write_report([good], tmp_path / "clean", plots=False)
     assert "Warning" not in (tmp_path / "clean" / "report.md").read_text(encoding="utf-8")
+
+
+def test_report_lists_runs_whose_validation_fell_late(tmp_path: Path) -> None:
+    fell = make_run(tmp_path / "ga_cps" / "seed2", "ga_cps", 2, 1)
+    held = make_run(tmp_path / "vnet" / "seed0", "vnet", 0, 1)
+    (fell / "log.csv").write_text(
+        "iteration,val/dice,val/dice/Ga,val/volume/Ga\n100,61.0,30,0.7\n200,34.0,5,33.9\n",
+        encoding="utf-8")
+    (held / "log.csv").write_text("iteration,val/dice\n100,50.0\n200,50.5\n", encoding="utf-8")
+    written = write_report([fell, held], tmp_path / "out", plots=False)
+    assert tmp_path / "out" / "late_drops.csv" in written
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "## Late drops" in report
+    assert "| ga_cps seed 2 | 61.00 (100) | 34.00 (200) | Ga 30.0 → 5.0 (×0.70 → ×33.90)" in report
+    assert "vnet seed 0" not in report.split("## Late drops")[1].split("## Runs")[0]
+    write_report([held], tmp_path / "clean", plots=False)
+    assert "Late drops" not in (tmp_path / "clean" / "report.md").read_text(encoding="utf-8")
+

@@ -3,6 +3,7 @@
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,3 +110,20 @@ def test_poly_lr_and_quick_dice_by_hand() -> None:
     pred = np.array([0, 1, 0, 2, 2, 0, 0, 0])
     # class 1: 2*1/(1+2) = 2/3; class 2: 2*2/(2+3) = 0.8; class 3 absent from both: 0
     np.testing.assert_allclose(quick_dice(pred, ref, 4), [2 / 3, 0.8, 0.0])
+
+
+def test_training_log_has_per_organ_validation(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path / "data", **{"train.max_iterations": 3})
+    Trainer(config, tmp_path / "run", show_progress=False).fit()
+    with open(tmp_path / "run/log.csv", encoding="utf-8") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["val/dice"]]
+    assert [int(row["iteration"]) for row in rows] == [3]
+    row = rows[0]
+    organs = [key[len("val/dice/"):] for key in row if key.startswith("val/dice/")]
+    assert len(organs) == 13 and organs[0] == "Sp"
+    # The selection score is the mean of the per-organ means (equal case counts per organ).
+    per_organ = [float(row[f"val/dice/{name}"]) for name in organs]
+    assert float(row["val/dice"]) == pytest.approx(np.mean(per_organ), rel=1e-4)
+    # Every organ is in the phantom's eval cases, so every organ has a volume ratio.
+    volumes = [float(row[f"val/volume/{name}"]) for name in organs]
+    assert all(v >= 0 for v in volumes)

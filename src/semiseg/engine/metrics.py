@@ -161,15 +161,29 @@ def hd95(
     return float(np.percentile(np.hstack((forward, backward)), 95))
 
 
+def class_confusion(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(C, C)`` voxel counts, rows the reference label and columns the predicted one.
+
+    One bincount over (ref, pred) pairs instead of C boolean passes, because validation runs
+    often.
+    """
+    joint = np.bincount(ref.astype(np.int64).ravel() * num_classes + pred.astype(np.int64).ravel(),
+                        minlength=num_classes * num_classes)
+    return joint.reshape(num_classes, num_classes)
+
+
+def dice_from_confusion(joint: np.ndarray) -> np.ndarray:
+    """Per-class Dice (classes 1..C-1) from ``class_confusion``'s counts; a class empty in
+    both masks scores 0 (``quick_dice``'s rule)."""
+    inter = np.diag(joint)[1:].astype(np.float64)
+    sizes = joint.sum(0)[1:] + joint.sum(1)[1:]
+    return np.divide(2.0 * inter, sizes, out=np.zeros_like(inter), where=sizes > 0)
+
+
 def quick_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
     """Per-class Dice (classes 1..C-1) for model selection during training.
 
     As GALoss's validation: a class empty in both masks scores 0 (not 1), so selection favours
-    networks that find every organ. One bincount over (ref, pred) pairs instead of C boolean
-    passes, because validation runs often.
+    networks that find every organ.
     """
-    joint = np.bincount(ref.astype(np.int64).ravel() * num_classes + pred.astype(np.int64).ravel(),
-                        minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-    inter = np.diag(joint)[1:].astype(np.float64)
-    sizes = joint.sum(0)[1:] + joint.sum(1)[1:]
-    return np.divide(2.0 * inter, sizes, out=np.zeros_like(inter), where=sizes > 0)
+    return dice_from_confusion(class_confusion(pred, ref, num_classes))

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from semiseg.engine.convergence import convergence_table, row_convergence
+from semiseg.engine.late_drop import late_drop, late_drop_table, read_validations
 from semiseg.engine.metrics_file import METRICS_FILENAME, read_metrics
 from semiseg.engine.paired import (
     comparisons_to_json,
@@ -340,10 +341,15 @@ def write_report(
         if curve is not None and run.result.run is not None:
             curves.setdefault(run.result.run.method, []).append(curve)
     convergence = convergence_table(row_convergence(curves)) if curves else None
-    if convergence is not None:
-        for ext, text in render_table(convergence).items():
-            atomic_write_text(out_dir / f"{convergence.name}.{ext}", text)
-            written.append(out_dir / f"{convergence.name}.{ext}")
+    drops = [drop for run in runs if run.folder and run.result.run is not None
+             if (drop := late_drop(read_validations(run.folder / "log.csv"),
+                                   f"{run.result.run.method} seed {run.result.run.seed}"))]
+    drop_table = late_drop_table(drops) if drops else None
+    for table in (convergence, drop_table):
+        if table is not None:
+            for ext, text in render_table(table).items():
+                atomic_write_text(out_dir / f"{table.name}.{ext}", text)
+                written.append(out_dir / f"{table.name}.{ext}")
     if plots and curves:
         curves_name = "validation_dice.png"
         written.append(plot_validation_curves(curves, out_dir / curves_name))
@@ -382,6 +388,11 @@ def write_report(
                   "", f"![{curves_name}]({curves_name})", ""]
     if convergence is not None:
         lines += ["## Convergence", "", to_markdown(convergence), ""]
+    if drop_table is not None:
+        lines += ["## Late drops", "", "The tables above score each run's best checkpoint, "
+                  "so they do not show a fall after it. Volumes are predicted / true voxels "
+                  "over the validation cases (×1 = the true volume).", "",
+                  to_markdown(drop_table), ""]
     if drawings or notes or copied:
         lines += ["## Overlays (left: ground truth, right: prediction)", ""]
         for o in drawings:

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -44,7 +43,6 @@ from semiseg.engine.checkpoint import (
 )
 from semiseg.engine.inference import predict_volume
 from semiseg.engine.logging import RunLogger
-from semiseg.engine.metrics import quick_dice
 from semiseg.engine.optim import build_optimizer, learning_rate
 from semiseg.engine.setup import (
     RunData,
@@ -54,6 +52,7 @@ from semiseg.engine.setup import (
     prepare_run_data,
     training_data_record,
 )
+from semiseg.engine.validation import CaseScores, ValidationScores, score_case
 from semiseg.errors import (
     CheckpointError,
     ConfigError,
@@ -224,29 +223,26 @@ class Trainer:
         for item in loader:
             yield Batch.from_dict(item)
 
-    def _validate(self) -> float:
-        """Mean foreground Dice of the inference network on the eval cases (split over the
-        ranks of a data-parallel run, gathered back in case order)."""
+    def _validate(self) -> ValidationScores:
+        """Per-organ Dice and voxel counts of the inference network on the eval cases (split
+        over the ranks of a data-parallel run, gathered back in case order)."""
         # Per-process BatchNorm statistics differ by the last step; score rank 0's everywhere.
         distributed.broadcast_buffers(self.method, self.dist)
         net = self.method.inference_network()
         inf = self.config.inference
         cases = list(self.data.split.eval)
-        mine: dict[int, np.ndarray] = {}
+        mine: dict[int, CaseScores] = {}
         for index in range(self.dist.rank, len(cases), self.dist.world_size):
             case_id = cases[index]
             pred = predict_volume(net, self.data.store.image(case_id), inf.patch_size,
                                   inf.validation_stride, inf.sw_batch_size, inf.mode, self.device,
                                   self.amp_dtype)
-            mine[index] = quick_dice(pred, self.data.store.label(case_id),
+            mine[index] = score_case(pred, self.data.store.label(case_id),
                                      self.data.class_set.num_classes)
-        gathered: dict[int, np.ndarray] = {}
+        gathered: dict[int, CaseScores] = {}
         for part in distributed.gather_objects(mine, self.dist):
             gathered.update(part)
-        scores = [gathered[index] for index in range(len(cases))]
-        if not scores:
-            return float("nan")
-        return float(np.stack(scores).mean())
+        return ValidationScores(tuple(gathered[index] for index in range(len(cases))))
 
     def _step(self, batch: Batch, step: StepInfo) -> dict[str, float]:
         train = self.config.train
@@ -422,13 +418,14 @@ class Trainer:
         """Score the eval cases, keep the best checkpoint; returns the values to log."""
         if not self.data.split.eval:
             return {}
-        score = self._validate()
+        scores = self._validate()
+        score = scores.mean_dice
         self.method.train()
         if score > self.best_score:
             self.best_score = score
             self.best_iteration = self.iteration
             self._save(ckpt_dir / BEST)
-        return {"val/dice": score * 100.0}
+        return scores.logs(self.data.class_set.abbreviations)
 
     def _write_state(self, status: str, error: str | None = None) -> None:
         if not self.dist.is_main:
