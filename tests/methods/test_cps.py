@@ -68,3 +68,22 @@ def test_ga_cps_cross_term_is_class_balanced_ce_over_all_voxels() -> None:
         la, lb = method.net_a(batch.image), method.net_b(batch.image)
     expected = ga_ce_loss(la, lb.argmax(1), 100, 0.5) + ga_ce_loss(lb, la.argmax(1), 100, 0.5)
     assert terms["cps"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_ga_cps_cross_gamma_one_is_the_plain_mean_cross_entropy() -> None:
+    # GACE with k = 100 and γ = 1 divides every class's sum by K = all voxels: the plain mean
+    # cross entropy of the pseudo labels, with no class balancing.
+    torch.manual_seed(0)
+    method = build_method("ga_cps", _context(), {"ga_cross_gamma": 1.0})
+    batch = _batch()
+    terms = method.training_step(batch, StepInfo(0, 10, 1))
+    with torch.no_grad():
+        la, lb = method.net_a(batch.image), method.net_b(batch.image)
+    ce = torch.nn.functional.cross_entropy
+    expected = ce(la, lb.argmax(1)) + ce(lb, la.argmax(1))
+    assert terms["cps"].item() == pytest.approx(expected.item(), rel=1e-4)
+    # The supervised terms keep ga_gamma (0.5): the same as without the option.
+    torch.manual_seed(0)
+    default = build_method("ga_cps", _context(), {}).training_step(batch, StepInfo(0, 10, 1))
+    assert terms["sup_ce_a"].item() == pytest.approx(default["sup_ce_a"].item(), rel=1e-6)
+    assert abs(terms["cps"].item() - default["cps"].item()) > 1e-3

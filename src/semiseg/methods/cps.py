@@ -38,6 +38,9 @@ class CPSOptions(GAOptions):
     # Ramp-up length in epochs; 0 = the whole run (max_epoch), as both official scripts do.
     rampup_epochs: int = 0
     ga_cross_k: float = 100.0  # GACE top-k % of the cross term (all voxels)
+    # GACE γ of the cross term; None = ga_gamma (both official scripts). 1 with k = 100 is the
+    # plain mean cross entropy over all voxels: no class balancing of the pseudo labels.
+    ga_cross_gamma: float | None = None
     init_a: InitScheme = "kaiming"
     init_b: InitScheme = "xavier"
 
@@ -65,7 +68,9 @@ class CrossPseudoSupervision(CoTrainedPair):
 
     def _cross(self, logits: Tensor, pseudo: Tensor) -> Tensor:
         if self.options.losses == "ga":
-            return ga_ce_loss(logits, pseudo, self.options.ga_cross_k, self.options.ga_gamma)
+            gamma = self.options.ga_cross_gamma
+            return ga_ce_loss(logits, pseudo, self.options.ga_cross_k,
+                              self.options.ga_gamma if gamma is None else gamma)
         return nn.functional.cross_entropy(logits, pseudo)
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, Tensor]:
