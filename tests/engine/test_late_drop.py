@@ -59,3 +59,10 @@ def test_no_drop_below_the_threshold_or_without_validation(tmp_path: Path) -> No
     assert drop is not None and drop.organs == ()
     row = late_drop_table([drop]).rows[0]
     assert row["organs"].startswith("—") and row["volume"] == "—"
+    # A run resumed by a version that logs organs: none at the best, so none compared.
+    resumed = "iteration,val/dice,val/dice/Ga,val/volume/Ga\n100,60.0,,\n200,40.0,20,9.0\n"
+    drop = late_drop(read_validations(_write_log(tmp_path / "c", resumed)), "resumed")
+    assert drop is not None and drop.organs == ()
+    organs = late_drop_table([drop]).rows[0]["organs"]
+    assert organs == "— (per-organ validation not logged at both)"
+

@@ -129,8 +129,8 @@ def late_drop_table(drops: Sequence[LateDrop]) -> Table:
         drifted = max(drop.organs, key=lambda organ: organ.volume_drift, default=None)
         rows.append({"run": drop.label, "best": f"{drop.best_dice:.2f} ({drop.best_iteration})",
                      "last": f"{drop.last_dice:.2f} ({drop.last_iteration})",
-                     "organs": "; ".join(named) if named else "— (no per-organ validation "
-                                                               "in this log)",
+                     "organs": "; ".join(named) if named else "— (per-organ validation not "
+                                                               "logged at both)",
                      "volume": (f"{drifted.organ}{_volumes(drifted)}"
                                 if drifted is not None and drifted.volume_drift > 0 else "—")})
     title = (f"Late drops: runs whose last validation Dice is at least {DROP_POINTS:g} points "
