@@ -103,3 +103,21 @@ def test_the_converged_grid_doubles_every_iteration_schedule_with_the_run() -> N
         assert set(after) == set(before), row
         for key, value in before.items():
             assert after[key] == pytest.approx(2 * value), (row, key)
+
+
+def test_ga_cps_plain_cross_row_differs_from_ga_cps_in_the_cross_gamma_alone() -> None:
+    ablation = load_config(REPO / "configs/compare/ga_cps_plain_cross.yaml")
+    host = load_config(REPO / "configs/compare/ga_cps.yaml")
+    options = dict(ablation.method.options)
+    assert options.pop("ga_cross_gamma") == 1.0
+    assert ablation.method.name == host.method.name and options == dict(host.method.options)
+    for section in ("data", "model", "train", "inference", "evaluation"):
+        assert getattr(ablation, section) == getattr(host, section), section
+    # On the converged grid it runs as the converged GA-CPS row does.
+    (cell,) = [c for c in grid_cells(load_grid(REPO / "configs/compare/grid_converged_ga_cps.yaml"))
+               if c.seed == 0]
+    (ga_cps,) = [c for c in grid_cells(load_grid(REPO / "configs/compare/grid_converged.yaml"))
+                 if c.row == "ga_cps" and c.seed == 0]
+    assert cell.config.train == ga_cps.config.train
+    assert cell.run_dir.parent.parent == ga_cps.run_dir.parent.parent  # same output folder
+
