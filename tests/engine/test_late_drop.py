@@ -52,6 +52,8 @@ def test_no_drop_below_the_threshold_or_without_validation(tmp_path: Path) -> No
     assert late_drop(read_validations(_write_log(tmp_path / "a", noisy)), "a",
                      threshold=4.0) is not None
     assert read_validations(tmp_path / "missing.csv") == {}
+    cut = "iteration,val/dice,val/dice/Ga\n100,50.0,30\n200,60.0,3-\n"  # a line cut mid-write
+    assert sorted(read_validations(_write_log(tmp_path / "cut", cut))) == [100]
     assert late_drop({}, "none") is None
     # An older log with the mean only still reports the fall, without organs.
     old = "iteration,val/dice\n100,50.0\n200,60.0\n300,30.0\n"

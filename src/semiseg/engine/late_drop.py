@@ -77,9 +77,13 @@ def read_validations(log_csv: str | Path) -> dict[int, dict[str, float]]:
         for row in csv.DictReader(handle):
             if row.get("val/dice") in (None, ""):
                 continue
-            validations[int(row["iteration"])] = {
-                key: float(value) for key, value in row.items()
-                if key.startswith("val/") and value not in (None, "")}
+            try:
+                validations[int(row["iteration"])] = {
+                    key: float(value) for key, value in row.items()
+                    if key.startswith("val/") and value not in (None, "")}
+            except ValueError:
+                # A line cut short by a kill mid-append (the trainer drops it on resume).
+                continue
     return validations
 
 
