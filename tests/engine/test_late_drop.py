@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from semiseg.engine.late_drop import late_drop, late_drop_table, read_validations
+from semiseg.engine.late_drop import late_drop, late_drop_table
+from semiseg.engine.logging import read_validations
 
 # Three validations: the best at 200 (60.0), a fall to 40.0 at 300. Organ Ga loses little Dice
 # but spreads to 30x its volume; LK loses the most Dice and shrinks to 0.05x; Sp holds.

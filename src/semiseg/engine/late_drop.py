@@ -13,11 +13,9 @@ validation and the last.
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from semiseg.engine.tables import Column, Table
 
@@ -26,7 +24,7 @@ VOLUME_PREFIX = "val/volume/"
 ORGANS_NAMED = 3  # how many of the organs that fell most a table row names
 # A fall this large is not validation noise: on the converged comparison grid the best of a
 # converged run's 36 validations sits up to 2.3 points above its last (vnet_lower, whose fitted
-# late change is +0.24), while GA-CPS's collapses fall 10 and 27 points.
+# late change is +0.29), while GA-CPS's collapses fall 10 to 27 points.
 DROP_POINTS = 5.0
 
 
@@ -66,32 +64,12 @@ class LateDrop:
     organs: tuple[OrganDrop, ...]  # every logged organ, the largest fall first
 
 
-def read_validations(log_csv: str | Path) -> dict[int, dict[str, float]]:
-    """Iteration -> the ``val/...`` values logged there, from a run's ``log.csv`` ({} when the
-    file is missing or the run never validated)."""
-    path = Path(log_csv)
-    if not path.is_file():
-        return {}
-    validations: dict[int, dict[str, float]] = {}
-    with open(path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            if row.get("val/dice") in (None, ""):
-                continue
-            try:
-                validations[int(row["iteration"])] = {
-                    key: float(value) for key, value in row.items()
-                    if key.startswith("val/") and value not in (None, "")}
-            except ValueError:
-                # A line cut short by a kill mid-append (the trainer drops it on resume).
-                continue
-    return validations
-
-
 def late_drop(validations: dict[int, dict[str, float]], label: str,
               threshold: float = DROP_POINTS) -> LateDrop | None:
-    """The run's fall from its best validation Dice to its last, when it is at least
-    ``threshold`` points; None otherwise. The best is
-    the first validation with the highest Dice, as the trainer keeps it."""
+    """The run's fall from its best validation Dice to its last (``validations`` as
+    :func:`semiseg.engine.logging.read_validations` reads them), when it is at least
+    ``threshold`` points; None otherwise. The best is the first validation with the highest
+    Dice, as the trainer keeps it."""
     if not validations:
         return None
     iterations = sorted(validations)
@@ -100,10 +78,11 @@ def late_drop(validations: dict[int, dict[str, float]], label: str,
     best_row, last_row = validations[best], validations[last]
     if best_row["val/dice"] - last_row["val/dice"] < threshold:
         return None
-    organs = [OrganDrop(key[len(DICE_PREFIX):], best_row[key], last_row[key],
-                        best_row.get(VOLUME_PREFIX + key[len(DICE_PREFIX):]),
-                        last_row.get(VOLUME_PREFIX + key[len(DICE_PREFIX):]))
-              for key in best_row if key.startswith(DICE_PREFIX) and key in last_row]
+    names = [key.removeprefix(DICE_PREFIX) for key in best_row
+             if key.startswith(DICE_PREFIX) and key in last_row]
+    organs = [OrganDrop(name, best_row[DICE_PREFIX + name], last_row[DICE_PREFIX + name],
+                        best_row.get(VOLUME_PREFIX + name), last_row.get(VOLUME_PREFIX + name))
+              for name in names]
     organs.sort(key=lambda organ: -organ.fall)
     return LateDrop(label, best, best_row["val/dice"], last, last_row["val/dice"], tuple(organs))
 

@@ -67,3 +67,25 @@ class RunLogger:
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
+
+
+def read_validations(log_csv: str | Path) -> dict[int, dict[str, float]]:
+    """Iteration -> the ``val/...`` values logged there, from a run's ``log.csv`` ({} when the
+    file is missing or the run never validated); a repeated iteration keeps its last row."""
+    path = Path(log_csv)
+    if not path.is_file():
+        return {}
+    validations: dict[int, dict[str, float]] = {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row.get("val/dice") in (None, ""):
+                continue
+            try:
+                validations[int(row["iteration"])] = {
+                    key: float(value) for key, value in row.items()
+                    if key.startswith("val/") and value not in (None, "")}
+            except ValueError:
+                # A line cut short by a kill mid-append (the trainer drops it on resume).
+                continue
+    return validations
+

@@ -26,6 +26,7 @@ from matplotlib.patches import Patch
 from scipy import ndimage
 
 from semiseg.data.classes import ClassSet
+from semiseg.engine.logging import read_validations
 from semiseg.engine.tables import MethodAggregate, setting_title
 from semiseg.errors import DataError
 from semiseg.utils.io import atomic_path
@@ -120,20 +121,18 @@ def plot_per_class_dice(
 ValidationCurve = tuple[np.ndarray, np.ndarray]  # (iterations, validation Dice in %)
 
 
+def validation_curve(validations: dict[int, dict[str, float]]) -> ValidationCurve | None:
+    """``(iterations, val/dice)`` in iteration order from
+    :func:`semiseg.engine.logging.read_validations`; None when the run never validated."""
+    if not validations:
+        return None
+    iterations = sorted(validations)
+    return np.asarray(iterations), np.asarray([validations[it]["val/dice"] for it in iterations])
+
+
 def read_validation_curve(log_csv: str | Path) -> ValidationCurve | None:
     """``(iterations, val/dice)`` of a run's ``log.csv``; None when it never validated."""
-    import csv
-
-    path = Path(log_csv)
-    if not path.is_file():
-        return None
-    with open(path, newline="", encoding="utf-8") as handle:
-        points = [(int(row["iteration"]), float(row["val/dice"]))
-                  for row in csv.DictReader(handle) if row.get("val/dice") not in (None, "")]
-    if not points:
-        return None
-    iterations, dice = zip(*sorted(dict(points).items()), strict=True)
-    return np.asarray(iterations), np.asarray(dice)
+    return validation_curve(read_validations(log_csv))
 
 
 def plot_validation_curves(curves: dict[str, list[ValidationCurve]], out_path: str | Path,

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from semiseg.engine.convergence import convergence_table, row_convergence
-from semiseg.engine.late_drop import late_drop, late_drop_table, read_validations
+from semiseg.engine.late_drop import late_drop, late_drop_table
+from semiseg.engine.logging import read_validations
 from semiseg.engine.metrics_file import METRICS_FILENAME, read_metrics
 from semiseg.engine.paired import (
     comparisons_to_json,
@@ -294,7 +295,7 @@ def write_report(
         plot_overlay,
         plot_per_class_dice,
         plot_validation_curves,
-        read_validation_curve,
+        validation_curve,
     )
     from semiseg.utils.io import atomic_write, atomic_write_text
 
@@ -336,14 +337,18 @@ def write_report(
             charts[setting] = name
     curves_name = None
     curves: dict[str, list] = {}
+    drops = []
     for run in runs:
-        curve = read_validation_curve(run.folder / "log.csv") if run.folder else None
-        if curve is not None and run.result.run is not None:
+        if not run.folder or run.result.run is None:
+            continue
+        validations = read_validations(run.folder / "log.csv")  # each log read once
+        curve = validation_curve(validations)
+        if curve is not None:
             curves.setdefault(run.result.run.method, []).append(curve)
+        drop = late_drop(validations, f"{run.result.run.method} seed {run.result.run.seed}")
+        if drop is not None:
+            drops.append(drop)
     convergence = convergence_table(row_convergence(curves)) if curves else None
-    drops = [drop for run in runs if run.folder and run.result.run is not None
-             if (drop := late_drop(read_validations(run.folder / "log.csv"),
-                                   f"{run.result.run.method} seed {run.result.run.seed}"))]
     drop_table = late_drop_table(drops) if drops else None
     for table in (convergence, drop_table):
         if table is not None:
