@@ -15,6 +15,10 @@ Sections:
    the label maps of every batch size are identical.
 4. **A short phantom run** (the comparison protocol's lower bound, shortened) in fp32 and in
    bf16, with the test Dice of each.
+5. **The comparison grid, many cells at once**: one ``semiseg experiment run`` process per
+   row of ``configs/compare/grid_converged.yaml`` (seed 0, shortened), all on the one GPU at
+   the same time, as ``experiment.device`` runs the grid unchanged; each row's steady seconds
+   per iteration under that sharing, and from them the GPU hours of the whole 5-seed grid.
 
 Each section has its own time budget and is cut short, said so in the report, when it runs
 out; a failing section is reported and the next one runs.
@@ -23,6 +27,8 @@ out; a failing section is reported and the next one runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import json
 import subprocess
 import sys
@@ -233,6 +239,105 @@ def inference(device: torch.device, checkpoint: Path | None, shape: list[int],
     return lines
 
 
+def _probe_grid(out: Path, iterations: int, smoke: bool) -> tuple[Path, list[str], dict]:
+    """A copy of the converged comparison grid, seed 0, shortened to ``iterations``, with its
+    data in the phantom run's folder; returns the grid file, its rows and the full grid's
+    iterations per row (for the extrapolation)."""
+    import yaml
+
+    source = REPO / "configs" / "compare" / "grid_converged.yaml"
+    grid = yaml.safe_load(source.read_text(encoding="utf-8"))
+    full = {}
+    shared = [s for s in grid.get("set", []) if not s.startswith("train.max_iterations=")]
+    default_length = next(int(s.split("=")[1]) for s in grid.get("set", [])
+                          if s.startswith("train.max_iterations="))
+    rows = []
+    for row in grid["rows"]:
+        if smoke and row["name"] not in ("vnet_lower", "ga_cps"):
+            continue
+        own = row.get("set", [])
+        full[row["name"]] = next((int(s.split("=")[1]) for s in own
+                                  if s.startswith("train.max_iterations=")), default_length)
+        rows.append({"name": row["name"], "config": str(source.parent / row["config"]),
+                     "set": [s for s in own if not s.startswith("train.max_iterations=")]})
+    overrides = [*shared, f"train.max_iterations={iterations}",
+                 f"data.root={out / 'phantom' / 'data'}"]
+    if smoke:
+        overrides += ["data.phantom.num_cases=10", "data.split=phantom",
+                      "model.options={n_filters: 4}", "train.validate_every=0"]
+    probe = {"name": "device_probe", "output_dir": str(out / "grid_probe" / "runs"),
+             "seeds": [0], "set": overrides, "rows": rows}
+    path = out / "grid_probe" / "grid.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(probe, sort_keys=False), encoding="utf-8")
+    return path, [row["name"] for row in rows], full
+
+
+def grid_probe(device: torch.device, out: Path, iterations: int, smoke: bool,
+               budget: float, seeds: int = 5) -> list[str]:
+    """Section 5: every row of the converged grid at once, one process each, on ``device``."""
+    import os
+    import signal
+
+    import yaml
+
+    from semiseg.config import load_config
+    from semiseg.engine.setup import ensure_phantom
+
+    path, rows, full = _probe_grid(out, iterations, smoke)
+    # The data first, in this process, so that the row processes do not race to make it.
+    probe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    ensure_phantom(load_config(REPO / "configs" / "compare" / "vnet_lower.yaml",
+                               [s for s in probe["set"] if s.startswith("data.")]),
+                   show_progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    logs = out / "grid_probe"
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for i in range(len(rows)):  # one process per row: each claims the next free cell
+            log = stack.enter_context(open(logs / f"worker{i}.log", "w", encoding="utf-8"))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "semiseg", "experiment", "run", str(path), "--device",
+                 str(device), "--no-progress"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True))
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(1.0, budget - (time.perf_counter() - started)))
+        cut = [p for p in procs if p.poll() is None]
+        for proc in cut:  # the budget is spent: what the logs hold so far is reported
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    wall = time.perf_counter() - started
+    lines = [f"{len(rows)} processes at once, {iterations} iterations each, wall {wall:.0f} s"
+             f"{f' ({len(cut)} cut at the budget)' if cut else ''}.", "",
+             "| row | iterations done | s / iteration (steady, device shared) | "
+             f"{seeds} seeds at full length, device minutes of steps |", "|---|---:|---:|---:|"]
+    total = 0.0
+    for name in rows:
+        log = logs / "runs" / name / "seed0" / "log.csv"
+        times, done = [], 0
+        if log.exists():
+            with open(log, newline="", encoding="utf-8") as handle:
+                for record in csv.DictReader(handle):
+                    done = max(done, int(float(record["iteration"])))
+                    if record.get("time/iter_s"):
+                        times.append(float(record["time/iter_s"]))
+        # The first logged window holds the warm-up (cuDNN autotuning, allocator growth).
+        steady = float(np.median(times[1:] if len(times) > 1 else times)) if times else None
+        if steady is None:
+            lines.append(f"| {name} | {done} | no timing logged | |")
+            continue
+        minutes = seeds * full[name] * steady / 60
+        total += minutes
+        lines.append(f"| {name} | {done} | {steady:.4f} | {minutes:.1f} |")
+    lines += ["", f"Steps of the whole {seeds}-seed grid, {len(rows)} cells at a time: about "
+              f"{total / len(rows):.0f} minutes of wall time on this device (the sum over rows "
+              f"divided by the {len(rows)} cells sharing it; validation and test evaluation "
+              "not included)."]
+    return lines
+
+
 def _phantom_volume(checkpoint: Path | None, shape: list[int]) -> np.ndarray:
     """A phantom test image (intensity-normalised as trained) resized to ``shape``; random
     noise when there is no trained run."""
@@ -257,6 +362,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, to check the script itself on a CPU")
     parser.add_argument("--iterations", type=int, default=1000, help="phantom run length")
+    parser.add_argument("--probe-iterations", type=int, default=300,
+                        help="length of each row in the grid section (cut at its budget)")
     args = parser.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if args.device == "auto" else args.device)
@@ -264,9 +371,11 @@ def main() -> None:
     if args.smoke:
         patch, filters, methods, iters = 48, 2, ["supervised", "ga_cps"], 1
         shape, batches, iterations = [64, 64, 48], [1, 4], 3
+        probe_iterations, probe_budget = 4, 120
     else:
         patch, filters, methods, iters = 96, 16, HOSTS, 3
         shape, batches, iterations = [256, 256, 144], [1, 4, 16], args.iterations
+        probe_iterations, probe_budget = args.probe_iterations, 120
     report = [f"# Device check: {_device_name(device)}", "",
               f"`python benchmarks/device_check.py` on {time.strftime('%Y-%m-%d')}"
               f"{' (smoke sizes)' if args.smoke else ''}.", ""]
@@ -281,6 +390,8 @@ def main() -> None:
          lambda: phantom_runs(device, args.out, iterations, args.smoke)),
         (f"Sliding-window inference, {'x'.join(map(str, shape))} volume",
          lambda: inference(device, trained, shape, batches, 60)),
+        ("Comparison grid (configs/compare/grid_converged.yaml), every row at once, seed 0",
+         lambda: grid_probe(device, args.out, probe_iterations, args.smoke, probe_budget)),
     ]
     for title, run in sections:
         started = time.perf_counter()

@@ -22,7 +22,7 @@ def test_device_check_script_runs_every_section(tmp_path: Path) -> None:
     assert report.startswith("# Device check: ")
     assert "FAILED" not in report, report
     for heading in ("## Numerics self-check", "## Training step", "## Phantom run",
-                    "## Sliding-window inference"):
+                    "## Sliding-window inference", "## Comparison grid"):
         assert heading in report
     assert "| supervised | bf16 |" in report and "| ga_cps | fp16 |" in report
     assert "| phantom run of section 4 (trained) | 4 |" in report
@@ -32,3 +32,12 @@ def test_device_check_script_runs_every_section(tmp_path: Path) -> None:
             or line.startswith("| phantom run of section 4")]
     assert [r.split("|")[4].strip() == "reference" for r in rows] == [True, False, True, False]
     assert all(r.split("|")[4].strip() == "identical" or "voxels differ" in r for r in rows[1::2])
+    # Section 5: both smoke rows of the converged grid ran at once to the end, and each row's
+    # extrapolation is 5 seeds x its full length (3,600 iterations) x its seconds per iteration.
+    grid = {r.split("|")[1].strip(): r.split("|")[2:5] for r in report.splitlines()
+            if r.startswith("| vnet_lower |") or r.startswith("| ga_cps |")}
+    assert set(grid) == {"vnet_lower", "ga_cps"}
+    for done, seconds, minutes in grid.values():
+        assert int(done) == 4
+        assert float(minutes) == pytest.approx(5 * 3600 * float(seconds) / 60, abs=0.06)
+    assert "2 processes at once, 4 iterations each" in report
