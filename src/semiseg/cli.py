@@ -176,6 +176,11 @@ def _build_parser() -> argparse.ArgumentParser:
     exp_run.add_argument("grid", type=Path, help="experiment grid YAML")
     exp_run.add_argument("--rows", nargs="+", default=None, metavar="ROW",
                          help="run only these rows of the grid")
+    exp_run.add_argument("--jobs", default="1", metavar="N",
+                         help="grid processes to run at once, each claiming the next free "
+                         "cell and sharing the CPU cores: a number, or auto = one per core "
+                         "on the CPU, one per two cores with a GPU (measured in "
+                         "docs/performance.md); default 1, this process alone")
     add_device(exp_run)
     add_no_progress(exp_run)
     exp_run.set_defaults(handler=_cmd_experiment_run)
@@ -295,6 +300,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_experiment_run(args: argparse.Namespace) -> int:
     from semiseg.engine.experiment import load_grid, run_grid, select_rows
 
+    if args.jobs != "1":
+        from semiseg.engine.grid_jobs import run_grid_in_processes
+
+        return run_grid_in_processes(args.grid, args.jobs, args.rows, args.device,
+                                     show_progress=not args.no_progress)
     run_grid(select_rows(load_grid(args.grid), args.rows), show_progress=not args.no_progress,
              device=args.device)
     return 0

@@ -166,3 +166,76 @@ def test_a_stop_signal_stops_the_grid_with_its_cell_saved(tmp_path: Path) -> Non
     assert manifest["cells"]["lower/seed0"]["status"] == "interrupted"
     assert not cells[1].run_dir.exists(), "the grid went on after the signal"
     assert cell_status(cells[0]) == "partial"  # the next run resumes it
+
+
+def test_plan_jobs_by_hand() -> None:
+    from semiseg.engine.grid_jobs import plan_jobs, threads_per_job
+
+    # auto: one per core on the CPU, one per two cores with a GPU, capped by the open cells.
+    assert plan_jobs("auto", "cpu", 2, 35) == 2
+    assert plan_jobs("auto", "cuda", 16, 35) == 8
+    assert plan_jobs("auto", "cuda", 16, 3) == 3
+    assert plan_jobs("auto", "cuda", 1, 5) == 1
+    assert plan_jobs("4", "cpu", 2, 10) == 4  # a number is taken as given
+    assert plan_jobs(4, "cpu", 2, 1) == 1
+    assert plan_jobs("auto", "cpu", 2, 0) == 1
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(ConfigError, match="--jobs"):
+            plan_jobs(bad, "cpu", 2, 4)
+    assert threads_per_job(16, 7) == 2
+    assert threads_per_job(2, 2) == 1
+    assert threads_per_job(1, 3) == 1
+    assert threads_per_job(8, 1) == 8
+
+
+def test_jobs_run_the_grid_in_child_processes_with_a_share_of_the_cores(
+        tmp_path: Path, monkeypatch, capsys) -> None:
+    from semiseg.engine.grid_jobs import available_cpus, threads_per_job
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    grid_path = _grid(tmp_path, iterations=2)
+    assert main(["experiment", "run", str(grid_path), "--jobs", "2", "--no-progress",
+                 "--device", "cpu"]) == 0
+    assert "4 of 4 cells to run, 2 processes with " \
+           f"{threads_per_job(available_cpus(), 2)} thread(s) each" in capsys.readouterr().out
+    cells = grid_cells(load_grid(grid_path))
+    assert all(cell_status(c) == "done" for c in cells)
+    manifest = json.loads((tmp_path / "runs" / "manifest.json").read_text(encoding="utf-8"))
+    pids = {entry["pid"] for entry in manifest["cells"].values()}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2, pids
+    assert {entry["threads"] for entry in manifest["cells"].values()} == {
+        threads_per_job(available_cpus(), 2)}
+    # Everything done: a second call starts no process.
+    assert main(["experiment", "run", str(grid_path), "--jobs", "auto", "--no-progress"]) == 0
+    assert "all 4 cells are done" in capsys.readouterr().out
+
+
+def test_a_stop_signal_reaches_every_grid_process(tmp_path: Path) -> None:
+    grid_path = _grid(tmp_path, iterations=100000)
+    cells = grid_cells(load_grid(grid_path))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "semiseg", "experiment", "run",
+                             str(grid_path), "--no-progress", "--jobs", "2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    states = [cell.run_dir / "state.json" for cell in cells[:2]]
+    deadline = time.time() + 240
+
+    def iteration(path: Path) -> int:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))["iteration"]
+        except (OSError, ValueError, KeyError):
+            return -1
+
+    while time.time() < deadline and proc.poll() is None:
+        if all(iteration(path) >= 3 for path in states):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert f"continue with: semiseg experiment run {grid_path} --jobs 2" in out
+    manifest = json.loads((tmp_path / "runs" / "manifest.json").read_text(encoding="utf-8"))
+    # Both processes saved their cell and stopped; nothing went on to the next cells.
+    assert [manifest["cells"][c.key]["status"] for c in cells[:2]] == ["interrupted"] * 2
+    assert all(cell_status(c) == "partial" for c in cells[:2])
+    assert not any(c.run_dir.exists() for c in cells[2:])

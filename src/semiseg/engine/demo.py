@@ -26,6 +26,7 @@ import yaml
 
 from semiseg.config import load_config_dict, merge, parse_override
 from semiseg.engine.experiment import grid_cells, load_grid, run_grid
+from semiseg.engine.grid_jobs import child_command
 from semiseg.errors import ConfigError
 from semiseg.utils.io import atomic_write_text
 
@@ -112,9 +113,6 @@ def _slug(config: Any) -> str:
 
 
 def _second_process(grid_file: Path, device: str | None) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "semiseg", "experiment", "run", str(grid_file),
-               "--no-progress"]
-    if device:
-        command += ["--device", device]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    return subprocess.Popen(child_command(grid_file, None, device), env=env,
+                            stdout=subprocess.DEVNULL)

@@ -31,6 +31,7 @@ later run resumes the cell. Manifest updates are read-modify-write under a lock 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import traceback
@@ -204,6 +205,8 @@ def run_grid(grid: Grid, show_progress: bool = True, device: str | None = None) 
     the grid goes on; a :class:`SemisegError` listing the failed cells ends the call. A stop
     signal (the trainer saves its cell's checkpoint) ends the whole grid. ``device``
     overrides every cell's ``experiment.device``."""
+    import torch
+
     from semiseg.engine.runs import evaluate_run
     from semiseg.engine.trainer import Trainer
 
@@ -231,8 +234,9 @@ def run_grid(grid: Grid, show_progress: bool = True, device: str | None = None) 
             try:
                 if status in ("pending", "partial"):
                     print(f"{prefix}: {'resuming' if status == 'partial' else 'training'}")
+                    # Which process, with how many threads (several may share the grid).
                     _record(grid, cell, status="running", code_version=version,
-                            started=started)
+                            started=started, pid=os.getpid(), threads=torch.get_num_threads())
                     Trainer(cell.config, cell.run_dir, resume=status == "partial",
                             show_progress=show_progress).fit()
                 print(f"{prefix}: evaluating")
