@@ -239,3 +239,32 @@ def test_a_stop_signal_reaches_every_grid_process(tmp_path: Path) -> None:
     assert [manifest["cells"][c.key]["status"] for c in cells[:2]] == ["interrupted"] * 2
     assert all(cell_status(c) == "partial" for c in cells[:2])
     assert not any(c.run_dir.exists() for c in cells[2:])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_grid_processes_save_and_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
+    grid_path = _grid(tmp_path, iterations=100000)
+    cells = grid_cells(load_grid(grid_path))
+    proc = subprocess.Popen([sys.executable, "-m", "semiseg", "experiment", "run",
+                             str(grid_path), "--no-progress", "--jobs", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    states = [cell.run_dir / "state.json" for cell in cells[:2]]
+
+    def state(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    deadline = time.time() + 240
+    while time.time() < deadline and not all(state(p).get("iteration", -1) >= 3
+                                             for p in states):
+        time.sleep(0.2)
+    proc.kill()  # SIGKILL: the parent can pass nothing on
+    proc.wait()
+    deadline = time.time() + 120
+    while time.time() < deadline and not all(state(p).get("status") == "interrupted"
+                                             for p in states):
+        time.sleep(0.2)
+    assert [state(p).get("status") for p in states] == ["interrupted"] * 2
+    assert all(cell_status(c) == "partial" for c in cells[:2])

@@ -72,6 +72,20 @@ def child_command(grid_path: Path, rows: Sequence[str] | None, device: str | Non
     return command
 
 
+def _stop_with_parent() -> None:
+    """In the child, before it runs (Linux): the kernel sends it SIGTERM when the process that
+    started it dies, even by ``kill -9``, so that no grid process trains on unwatched; as with
+    any SIGTERM, it saves its cell and stops."""
+    if not sys.platform.startswith("linux"):
+        return
+    import contextlib
+    import ctypes
+
+    # Without prctl the child outlives a killed parent, as it would without --jobs.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 class _Forward:
     """Pass SIGINT / SIGTERM on to the grid processes (each then saves its cell and stops;
     a second signal makes them stop at once, as it does a single process)."""
@@ -132,7 +146,8 @@ def run_grid_in_processes(grid_path: Path, jobs: str | int = "auto",
         for _ in range(count):
             # Own sessions: a Ctrl-C in the terminal reaches them once, through _Forward.
             procs.append(subprocess.Popen(child_command(grid_path, rows, device), env=env,
-                                          start_new_session=True))
+                                          start_new_session=True,
+                                          preexec_fn=_stop_with_parent))
         with tqdm(total=len(cells), disable=not show_progress, desc="cells done",
                   dynamic_ncols=True) as bar:
             while any(proc.poll() is None for proc in procs):
