@@ -158,8 +158,9 @@ def run_grid_in_processes(grid_path: Path, jobs: str | int = "auto",
         forward.restore()
     codes = [proc.wait() for proc in procs]
     if forward.received is not None:
-        print(f"stopped by {signal.Signals(forward.received).name}; continue with: semiseg "
-              f"experiment run {grid_path} --jobs {jobs}")
+        print(f"semiseg experiment: stopped by {signal.Signals(forward.received).name}, each "
+              f"cell saved; continue with: semiseg experiment run {grid_path} --jobs {jobs}",
+              file=sys.stderr)
         return 128 + forward.received
     failed = [code for code in codes if code != 0]
     return failed[0] if failed else 0
