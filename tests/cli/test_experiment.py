@@ -39,6 +39,25 @@ def _grid(tmp_path: Path, iterations: int = 4) -> Path:
     return path
 
 
+def _run_state(path: Path) -> dict:
+    """A run's state.json, or {} while it is missing or being replaced."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _wait_until_training(proc: subprocess.Popen, run_dirs: list[Path], iteration: int = 3,
+                         timeout: float = 240) -> None:
+    """Wait until every run in ``run_dirs`` is past ``iteration`` (or ``proc`` ended)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if all(_run_state(d / "state.json").get("iteration", -1) >= iteration
+               for d in run_dirs):
+            return
+        time.sleep(0.2)
+
+
 def test_grid_cells_and_validation(tmp_path: Path) -> None:
     grid = load_grid(_grid(tmp_path))
     cells = grid_cells(grid)
@@ -148,15 +167,7 @@ def test_a_stop_signal_stops_the_grid_with_its_cell_saved(tmp_path: Path) -> Non
     proc = subprocess.Popen([sys.executable, "-m", "semiseg", "experiment", "run",
                              str(grid_path), "--no-progress"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    state_path = cells[0].run_dir / "state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(state_path.read_text(encoding="utf-8"))["iteration"] >= 3:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.2)
+    _wait_until_training(proc, [cells[0].run_dir])
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -217,19 +228,7 @@ def test_a_stop_signal_reaches_every_grid_process(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "semiseg", "experiment", "run",
                              str(grid_path), "--no-progress", "--jobs", "2"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    states = [cell.run_dir / "state.json" for cell in cells[:2]]
-    deadline = time.time() + 240
-
-    def iteration(path: Path) -> int:
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))["iteration"]
-        except (OSError, ValueError, KeyError):
-            return -1
-
-    while time.time() < deadline and proc.poll() is None:
-        if all(iteration(path) >= 3 for path in states):
-            break
-        time.sleep(0.2)
+    _wait_until_training(proc, [cell.run_dir for cell in cells[:2]])
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
@@ -250,22 +249,12 @@ def test_grid_processes_save_and_stop_when_their_parent_is_killed(tmp_path: Path
                              str(grid_path), "--no-progress", "--jobs", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     states = [cell.run_dir / "state.json" for cell in cells[:2]]
-
-    def state(path: Path) -> dict:
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-
-    deadline = time.time() + 240
-    while time.time() < deadline and not all(state(p).get("iteration", -1) >= 3
-                                             for p in states):
-        time.sleep(0.2)
+    _wait_until_training(proc, [cell.run_dir for cell in cells[:2]])
     proc.kill()  # SIGKILL: the parent can pass nothing on
     proc.wait()
     deadline = time.time() + 120
-    while time.time() < deadline and not all(state(p).get("status") == "interrupted"
+    while time.time() < deadline and not all(_run_state(p).get("status") == "interrupted"
                                              for p in states):
         time.sleep(0.2)
-    assert [state(p).get("status") for p in states] == ["interrupted"] * 2
+    assert [_run_state(p).get("status") for p in states] == ["interrupted"] * 2
     assert all(cell_status(c) == "partial" for c in cells[:2])
