@@ -1,5 +1,6 @@
 """Experiment grids: one command runs every cell, survives a kill, and reports."""
 
+import contextlib
 import json
 import os
 import signal
@@ -56,6 +57,36 @@ def _wait_until_training(proc: subprocess.Popen, run_dirs: list[Path], iteration
                for d in run_dirs):
             return
         time.sleep(0.2)
+
+
+def _kill_grid(proc: subprocess.Popen, runs: Path) -> None:
+    """Kill a grid process and the cell processes its manifest names (a failing test's cleanup).
+
+    The signal tests' grids train for 100,000 iterations: a lost stop would leave them running
+    after the test. ``--jobs`` children run in sessions of their own, so they are found by the
+    pids in the manifest (checked to still be semiseg processes: a pid can be reused).
+    """
+    proc.kill()
+    proc.wait()
+    try:
+        cells = json.loads((runs / "manifest.json").read_text(encoding="utf-8"))["cells"]
+    except (OSError, ValueError, KeyError):
+        cells = {}
+    for entry in cells.values():
+        cmdline = Path(f"/proc/{entry.get('pid')}/cmdline")
+        with contextlib.suppress(OSError):
+            if b"semiseg" in cmdline.read_bytes():
+                os.kill(entry["pid"], signal.SIGKILL)
+
+
+def _communicate_or_fail(proc: subprocess.Popen, runs: Path, what: str,
+                         timeout: float = 120) -> str:
+    """Wait for a grid process that was told to stop; its stderr, or a failure naming the stop."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        _kill_grid(proc, runs)
+        pytest.fail(f"{what} did not stop the grid within {timeout:.0f} s")
 
 
 def test_grid_cells_and_validation(tmp_path: Path) -> None:
@@ -169,7 +200,7 @@ def test_a_stop_signal_stops_the_grid_with_its_cell_saved(tmp_path: Path) -> Non
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_until_training(proc, [cells[0].run_dir])
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    err = _communicate_or_fail(proc, tmp_path / "runs", "SIGINT")
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].endswith(
         f"continue with: semiseg experiment run {grid_path}")
@@ -229,8 +260,9 @@ def test_a_stop_signal_reaches_every_grid_process(tmp_path: Path) -> None:
                              str(grid_path), "--no-progress", "--jobs", "2"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_until_training(proc, [cell.run_dir for cell in cells[:2]])
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc.send_signal(signal.SIGTERM)  # to the parent only: it must pass it on
+    err = _communicate_or_fail(proc, tmp_path / "runs",
+                               "SIGTERM to the parent of 2 grid processes")
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1].endswith(
         f"continue with: semiseg experiment run {grid_path} --jobs 2")
@@ -256,5 +288,8 @@ def test_grid_processes_save_and_stop_when_their_parent_is_killed(tmp_path: Path
     while time.time() < deadline and not all(_run_state(p).get("status") == "interrupted"
                                              for p in states):
         time.sleep(0.2)
-    assert [_run_state(p).get("status") for p in states] == ["interrupted"] * 2
+    statuses = [_run_state(p).get("status") for p in states]
+    if statuses != ["interrupted"] * 2:
+        _kill_grid(proc, tmp_path / "runs")  # the orphans would train on after the test
+    assert statuses == ["interrupted"] * 2
     assert all(cell_status(c) == "partial" for c in cells[:2])
