@@ -18,6 +18,7 @@ SIGINT / SIGTERM saves a checkpoint and exits 130 / 143.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -176,6 +177,9 @@ def _build_parser() -> argparse.ArgumentParser:
     exp_run.add_argument("grid", type=Path, help="experiment grid YAML")
     exp_run.add_argument("--rows", nargs="+", default=None, metavar="ROW",
                          help="run only these rows of the grid")
+    exp_run.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
+                         help="run only these of the grid's seeds (e.g. the seeds a new row "
+                         "still lacks to pair with the others)")
     exp_run.add_argument("--jobs", default="1", metavar="N",
                          help="grid processes to run at once, each claiming the next free "
                          "cell and sharing the CPU cores: a number, or auto = one per core "
@@ -298,15 +302,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment_run(args: argparse.Namespace) -> int:
-    from semiseg.engine.experiment import load_grid, run_grid, select_rows
+    from semiseg.engine.experiment import (
+        load_grid,
+        run_arguments,
+        run_grid,
+        select_rows,
+        select_seeds,
+    )
 
     if args.jobs != "1":
         from semiseg.engine.grid_jobs import run_grid_in_processes
 
         return run_grid_in_processes(args.grid, args.jobs, args.rows, args.device,
-                                     show_progress=not args.no_progress)
-    run_grid(select_rows(load_grid(args.grid), args.rows), show_progress=not args.no_progress,
-             device=args.device)
+                                     show_progress=not args.no_progress, seeds=args.seeds)
+    grid = select_seeds(select_rows(load_grid(args.grid), args.rows), args.seeds)
+    resume = shlex.join(["semiseg", *run_arguments(args.grid, args.rows, args.seeds,
+                                                   args.device)])
+    run_grid(grid, show_progress=not args.no_progress, device=args.device,
+             resume_command=resume)
     return 0
 
 

@@ -170,6 +170,31 @@ def test_a_cell_claimed_by_another_process_is_skipped_and_rows_select(tmp_path: 
     assert set(manifest["cells"]) == {"lower/seed1"}
 
 
+def test_seeds_select_cells_and_the_selection_is_what_a_grid_process_runs(tmp_path: Path,
+                                                                         capsys) -> None:
+    from semiseg.engine.experiment import run_arguments, select_seeds
+    from semiseg.engine.grid_jobs import child_command
+
+    grid_path = _grid(tmp_path, iterations=2)
+    assert select_seeds(load_grid(grid_path), [1]).seeds == [1]
+    assert select_seeds(load_grid(grid_path), [1, 0]).seeds == [0, 1]  # the grid's order
+    with pytest.raises(ConfigError, match=r"no seed \[7\]; seeds are \[0, 1\]"):
+        select_seeds(load_grid(grid_path), [7])
+    assert run_arguments("g.yaml", ["a", "b"], [1, 3], "cuda") == [
+        "experiment", "run", "g.yaml", "--rows", "a", "b", "--seeds", "1", "3",
+        "--device", "cuda"]
+    assert run_arguments("g.yaml") == ["experiment", "run", "g.yaml"]
+    assert child_command(grid_path, None, None, [1])[-5:] == [
+        "--seeds", "1", "--no-progress", "--jobs", "1"]
+    # One cell of four runs; the others stay pending.
+    assert main(["experiment", "run", str(grid_path), "--rows", "lower", "--seeds", "1",
+                 "--no-progress"]) == 0
+    assert "[1/1] lower/seed1: training" in capsys.readouterr().out
+    assert {c.key: cell_status(c) for c in grid_cells(load_grid(grid_path))} == {
+        "lower/seed0": "pending", "lower/seed1": "done",
+        "cps/seed0": "pending", "cps/seed1": "pending"}
+
+
 def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None:
     from semiseg.engine.experiment import run_grid
     from semiseg.errors import SemisegError
@@ -196,14 +221,15 @@ def test_a_stop_signal_stops_the_grid_with_its_cell_saved(tmp_path: Path) -> Non
     cells = grid_cells(load_grid(grid_path))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "semiseg", "experiment", "run",
-                             str(grid_path), "--no-progress"], env=env,
+                             str(grid_path), "--no-progress", "--seeds", "0", "1"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_until_training(proc, [cells[0].run_dir])
     proc.send_signal(signal.SIGINT)
     err = _communicate_or_fail(proc, tmp_path / "runs", "SIGINT")
     assert proc.returncode == 130, err
+    # The way to continue repeats the selection it was started with.
     assert err.strip().splitlines()[-1].endswith(
-        f"continue with: semiseg experiment run {grid_path}")
+        f"continue with: semiseg experiment run {grid_path} --seeds 0 1")
     manifest = json.loads((tmp_path / "runs" / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["cells"]["lower/seed0"]["status"] == "interrupted"
     assert not cells[1].run_dir.exists(), "the grid went on after the signal"

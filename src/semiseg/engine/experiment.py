@@ -199,11 +199,39 @@ def select_rows(grid: Grid, rows: Sequence[str] | None) -> Grid:
     return grid
 
 
-def run_grid(grid: Grid, show_progress: bool = True, device: str | None = None) -> list[Cell]:
+def select_seeds(grid: Grid, seeds: Sequence[int] | None) -> Grid:
+    """The grid restricted to the given seeds, in the grid's order (a seed the grid does not
+    list is an error listing its seeds: a typo must not start a run nobody pairs with)."""
+    if not seeds:
+        return grid
+    unknown = [seed for seed in seeds if seed not in grid.seeds]
+    if unknown:
+        raise ConfigError(f"{grid.path or grid.name}: no seed {unknown}; seeds are {grid.seeds}")
+    grid.seeds = [seed for seed in grid.seeds if seed in seeds]
+    return grid
+
+
+def run_arguments(grid_path: str | Path, rows: Sequence[str] | None = None,
+                  seeds: Sequence[int] | None = None, device: str | None = None) -> list[str]:
+    """``semiseg``'s arguments that run this selection of the grid (the command a grid process
+    runs, and the one a stopped grid says to continue with)."""
+    arguments = ["experiment", "run", str(grid_path)]
+    if rows:
+        arguments += ["--rows", *rows]
+    if seeds:
+        arguments += ["--seeds", *(str(seed) for seed in seeds)]
+    if device:
+        arguments += ["--device", device]
+    return arguments
+
+
+def run_grid(grid: Grid, show_progress: bool = True, device: str | None = None,
+             resume_command: str | None = None) -> list[Cell]:
     """Run (or resume) every cell of ``grid`` that no other process is running; returns the
     cells. A cell that fails is recorded as ``failed`` (with its error) in the manifest and
     the grid goes on; a :class:`SemisegError` listing the failed cells ends the call. A stop
-    signal (the trainer saves its cell's checkpoint) ends the whole grid. ``device``
+    signal (the trainer saves its cell's checkpoint) ends the whole grid, naming
+    ``resume_command`` (default: the whole grid's) as the way to continue. ``device``
     overrides every cell's ``experiment.device``."""
     import torch
 
@@ -243,9 +271,9 @@ def run_grid(grid: Grid, show_progress: bool = True, device: str | None = None) 
                 evaluate_run(cell.run_dir, show_progress=show_progress)
             except RunInterruptedError as exc:
                 _record(grid, cell, status="interrupted", code_version=version)
-                raise RunInterruptedError(f"{cell.key}: {exc.what}", exc.exit_code,
-                                          f"semiseg experiment run {grid.path or 'GRID'}"
-                                          ) from None
+                raise RunInterruptedError(
+                    f"{cell.key}: {exc.what}", exc.exit_code,
+                    resume_command or f"semiseg experiment run {grid.path or 'GRID'}") from None
             except Exception as exc:  # one broken cell must not stop a night of other cells
                 message = f"{type(exc).__name__}: {exc}"
                 print(f"{prefix}: FAILED ({message}); continuing with the next cell")

@@ -14,6 +14,7 @@ one per two cores with a GPU.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -60,16 +61,13 @@ def threads_per_job(cpus: int, jobs: int) -> int:
     return max(1, cpus // max(1, jobs))
 
 
-def child_command(grid_path: Path, rows: Sequence[str] | None, device: str | None
-                  ) -> list[str]:
+def child_command(grid_path: Path, rows: Sequence[str] | None, device: str | None,
+                  seeds: Sequence[int] | None = None) -> list[str]:
     """The command one grid process runs (a plain ``semiseg experiment run``)."""
-    command = [sys.executable, "-m", "semiseg", "experiment", "run", str(grid_path),
-               "--no-progress", "--jobs", "1"]
-    if rows:
-        command += ["--rows", *rows]
-    if device:
-        command += ["--device", device]
-    return command
+    from semiseg.engine.experiment import run_arguments
+
+    return [sys.executable, "-m", "semiseg", *run_arguments(grid_path, rows, seeds, device),
+            "--no-progress", "--jobs", "1"]
 
 
 def _stop_with_parent() -> None:
@@ -109,7 +107,8 @@ class _Forward:
 
 def run_grid_in_processes(grid_path: Path, jobs: str | int = "auto",
                           rows: Sequence[str] | None = None, device: str | None = None,
-                          show_progress: bool = True, cpus: int | None = None) -> int:
+                          show_progress: bool = True, cpus: int | None = None,
+                          seeds: Sequence[int] | None = None) -> int:
     """Run the grid at ``grid_path`` in several ``semiseg experiment run`` processes at once;
     returns the exit status (0 when every process finished its cells).
 
@@ -117,11 +116,18 @@ def run_grid_in_processes(grid_path: Path, jobs: str | int = "auto",
     make it. Unless ``OMP_NUM_THREADS`` is set already, each process gets its share of the
     cores. Their output (a line per cell: training, resuming, evaluating, skipped) goes to this
     terminal; a bar counts the finished cells."""
-    from semiseg.engine.experiment import cell_status, grid_cells, load_grid, select_rows
+    from semiseg.engine.experiment import (
+        cell_status,
+        grid_cells,
+        load_grid,
+        run_arguments,
+        select_rows,
+        select_seeds,
+    )
     from semiseg.engine.setup import ensure_phantom
     from semiseg.utils.seed import resolve_device
 
-    grid = select_rows(load_grid(grid_path), rows)
+    grid = select_seeds(select_rows(load_grid(grid_path), rows), seeds)
     cells = grid_cells(grid)
     open_cells = [cell for cell in cells if cell_status(cell) != "done"]
     if not open_cells:
@@ -145,7 +151,7 @@ def run_grid_in_processes(grid_path: Path, jobs: str | int = "auto",
     try:
         for _ in range(count):
             # Own sessions: a Ctrl-C in the terminal reaches them once, through _Forward.
-            procs.append(subprocess.Popen(child_command(grid_path, rows, device), env=env,
+            procs.append(subprocess.Popen(child_command(grid_path, rows, device, seeds), env=env,
                                           start_new_session=True,
                                           preexec_fn=_stop_with_parent))
         with tqdm(total=len(cells), disable=not show_progress, desc="cells done",
@@ -158,9 +164,10 @@ def run_grid_in_processes(grid_path: Path, jobs: str | int = "auto",
         forward.restore()
     codes = [proc.wait() for proc in procs]
     if forward.received is not None:
+        resume = shlex.join(["semiseg", *run_arguments(grid_path, rows, seeds, device),
+                             "--jobs", str(jobs)])
         print(f"semiseg experiment: stopped by {signal.Signals(forward.received).name}, each "
-              f"cell saved; continue with: semiseg experiment run {grid_path} --jobs {jobs}",
-              file=sys.stderr)
+              f"cell saved; continue with: {resume}", file=sys.stderr)
         return 128 + forward.received
     failed = [code for code in codes if code != 0]
     return failed[0] if failed else 0
