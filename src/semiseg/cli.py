@@ -175,11 +175,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                         metavar="ACTION")
     exp_run = exp_sub.add_parser("run", help="run (or resume) the grid")
     exp_run.add_argument("grid", type=Path, help="experiment grid YAML")
-    exp_run.add_argument("--rows", nargs="+", default=None, metavar="ROW",
-                         help="run only these rows of the grid")
-    exp_run.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
-                         help="run only these of the grid's seeds (e.g. the seeds a new row "
-                         "still lacks to pair with the others)")
+    _add_cell_selection(exp_run, "run")
     exp_run.add_argument("--jobs", default="1", metavar="N",
                          help="grid processes to run at once, each claiming the next free "
                          "cell and sharing the CPU cores: a number, or auto = one per core "
@@ -190,6 +186,7 @@ def _build_parser() -> argparse.ArgumentParser:
     exp_run.set_defaults(handler=_cmd_experiment_run)
     exp_status = exp_sub.add_parser("status", help="show which cells are done")
     exp_status.add_argument("grid", type=Path, help="experiment grid YAML")
+    _add_cell_selection(exp_status, "show")
     exp_status.set_defaults(handler=_cmd_experiment_status)
 
     _add_convert_checkpoint(sub)
@@ -323,10 +320,18 @@ def _cmd_experiment_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_experiment_status(args: argparse.Namespace) -> int:
-    from semiseg.engine.experiment import grid_status, load_grid
+def _add_cell_selection(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("--rows", nargs="+", default=None, metavar="ROW",
+                        help=f"{verb} only these rows of the grid")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
+                        help=f"{verb} only these of the grid's seeds (e.g. the seeds a new row "
+                        "still lacks to pair with the others)")
 
-    rows = grid_status(load_grid(args.grid))
+
+def _cmd_experiment_status(args: argparse.Namespace) -> int:
+    from semiseg.engine.experiment import grid_status, load_grid, select_rows, select_seeds
+
+    rows = grid_status(select_seeds(select_rows(load_grid(args.grid), args.rows), args.seeds))
     width = max(len(key) for key, _, _ in rows)
     for key, status, run_dir in rows:
         print(f"{key:<{width}}  {status:<8}  {run_dir}")

@@ -193,6 +193,11 @@ def test_seeds_select_cells_and_the_selection_is_what_a_grid_process_runs(tmp_pa
     assert {c.key: cell_status(c) for c in grid_cells(load_grid(grid_path))} == {
         "lower/seed0": "pending", "lower/seed1": "done",
         "cps/seed0": "pending", "cps/seed1": "pending"}
+    assert main(["experiment", "status", str(grid_path), "--seeds", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines[:-1]] == [["lower/seed1", "done"],
+                                                         ["cps/seed1", "pending"]]
+    assert lines[-1] == "1/2 cells done"
 
 
 def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None:
