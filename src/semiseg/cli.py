@@ -18,7 +18,6 @@ SIGINT / SIGTERM saves a checkpoint and exits 130 / 143.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -299,24 +298,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment_run(args: argparse.Namespace) -> int:
-    from semiseg.engine.experiment import (
-        load_grid,
-        run_arguments,
-        run_grid,
-        select_rows,
-        select_seeds,
-    )
+    from semiseg.engine.experiment import load_selected_grid, run_command_line, run_grid
 
     if args.jobs != "1":
         from semiseg.engine.grid_jobs import run_grid_in_processes
 
         return run_grid_in_processes(args.grid, args.jobs, args.rows, args.device,
                                      show_progress=not args.no_progress, seeds=args.seeds)
-    grid = select_seeds(select_rows(load_grid(args.grid), args.rows), args.seeds)
-    resume = shlex.join(["semiseg", *run_arguments(args.grid, args.rows, args.seeds,
-                                                   args.device)])
-    run_grid(grid, show_progress=not args.no_progress, device=args.device,
-             resume_command=resume)
+    run_grid(load_selected_grid(args.grid, args.rows, args.seeds),
+             show_progress=not args.no_progress, device=args.device,
+             resume_command=run_command_line(args.grid, args.rows, args.seeds, args.device))
     return 0
 
 
@@ -329,9 +320,9 @@ def _add_cell_selection(parser: argparse.ArgumentParser, verb: str) -> None:
 
 
 def _cmd_experiment_status(args: argparse.Namespace) -> int:
-    from semiseg.engine.experiment import grid_status, load_grid, select_rows, select_seeds
+    from semiseg.engine.experiment import grid_status, load_selected_grid
 
-    rows = grid_status(select_seeds(select_rows(load_grid(args.grid), args.rows), args.seeds))
+    rows = grid_status(load_selected_grid(args.grid, args.rows, args.seeds))
     width = max(len(key) for key, _, _ in rows)
     for key, status, run_dir in rows:
         print(f"{key:<{width}}  {status:<8}  {run_dir}")

@@ -172,7 +172,7 @@ def test_a_cell_claimed_by_another_process_is_skipped_and_rows_select(tmp_path: 
 
 def test_seeds_select_cells_and_the_selection_is_what_a_grid_process_runs(tmp_path: Path,
                                                                          capsys) -> None:
-    from semiseg.engine.experiment import run_arguments, select_seeds
+    from semiseg.engine.experiment import run_arguments, run_command_line, select_seeds
     from semiseg.engine.grid_jobs import child_command
 
     grid_path = _grid(tmp_path, iterations=2)
@@ -184,6 +184,8 @@ def test_seeds_select_cells_and_the_selection_is_what_a_grid_process_runs(tmp_pa
         "experiment", "run", "g.yaml", "--rows", "a", "b", "--seeds", "1", "3",
         "--device", "cuda"]
     assert run_arguments("g.yaml") == ["experiment", "run", "g.yaml"]
+    assert run_command_line("my grid.yaml", None, [2], None, "auto") == \
+        "semiseg experiment run 'my grid.yaml' --seeds 2 --jobs auto"
     assert child_command(grid_path, None, None, [1])[-5:] == [
         "--seeds", "1", "--no-progress", "--jobs", "1"]
     # One cell of four runs; the others stay pending.

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import time
 import traceback
@@ -211,6 +212,12 @@ def select_seeds(grid: Grid, seeds: Sequence[int] | None) -> Grid:
     return grid
 
 
+def load_selected_grid(path: str | Path, rows: Sequence[str] | None = None,
+                       seeds: Sequence[int] | None = None) -> Grid:
+    """The grid at ``path`` restricted to ``rows`` and ``seeds`` (``--rows`` / ``--seeds``)."""
+    return select_seeds(select_rows(load_grid(path), rows), seeds)
+
+
 def run_arguments(grid_path: str | Path, rows: Sequence[str] | None = None,
                   seeds: Sequence[int] | None = None, device: str | None = None) -> list[str]:
     """``semiseg``'s arguments that run this selection of the grid (the command a grid process
@@ -223,6 +230,14 @@ def run_arguments(grid_path: str | Path, rows: Sequence[str] | None = None,
     if device:
         arguments += ["--device", device]
     return arguments
+
+
+def run_command_line(grid_path: str | Path, rows: Sequence[str] | None = None,
+                     seeds: Sequence[int] | None = None, device: str | None = None,
+                     jobs: str | int | None = None) -> str:
+    """The shell line that continues this selection of the grid (a stopped grid prints it)."""
+    extra = ["--jobs", str(jobs)] if jobs is not None else []
+    return shlex.join(["semiseg", *run_arguments(grid_path, rows, seeds, device), *extra])
 
 
 def run_grid(grid: Grid, show_progress: bool = True, device: str | None = None,

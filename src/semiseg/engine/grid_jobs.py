@@ -14,7 +14,6 @@ one per two cores with a GPU.
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -119,15 +118,13 @@ def run_grid_in_processes(grid_path: Path, jobs: str | int = "auto",
     from semiseg.engine.experiment import (
         cell_status,
         grid_cells,
-        load_grid,
-        run_arguments,
-        select_rows,
-        select_seeds,
+        load_selected_grid,
+        run_command_line,
     )
     from semiseg.engine.setup import ensure_phantom
     from semiseg.utils.seed import resolve_device
 
-    grid = select_seeds(select_rows(load_grid(grid_path), rows), seeds)
+    grid = load_selected_grid(grid_path, rows, seeds)
     cells = grid_cells(grid)
     open_cells = [cell for cell in cells if cell_status(cell) != "done"]
     if not open_cells:
@@ -164,8 +161,7 @@ def run_grid_in_processes(grid_path: Path, jobs: str | int = "auto",
         forward.restore()
     codes = [proc.wait() for proc in procs]
     if forward.received is not None:
-        resume = shlex.join(["semiseg", *run_arguments(grid_path, rows, seeds, device),
-                             "--jobs", str(jobs)])
+        resume = run_command_line(grid_path, rows, seeds, device, jobs)
         print(f"semiseg experiment: stopped by {signal.Signals(forward.received).name}, each "
               f"cell saved; continue with: {resume}", file=sys.stderr)
         return 128 + forward.received
