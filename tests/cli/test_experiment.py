@@ -50,13 +50,20 @@ def _run_state(path: Path) -> dict:
 
 def _wait_until_training(proc: subprocess.Popen, run_dirs: list[Path], iteration: int = 3,
                          timeout: float = 240) -> None:
-    """Wait until every run in ``run_dirs`` is past ``iteration`` (or ``proc`` ended)."""
+    """Wait until every run in ``run_dirs`` is training past ``iteration``; a failure naming
+    their states when ``proc`` ends first or the time is up."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if all(_run_state(d / "state.json").get("iteration", -1) >= iteration
-               for d in run_dirs):
+        states = [_run_state(d / "state.json") for d in run_dirs]
+        if all(state.get("status") == "running" and state.get("iteration", -1) >= iteration
+               for state in states):
             return
         time.sleep(0.2)
+    states = [_run_state(d / "state.json") for d in run_dirs]
+    if proc.poll() is None:
+        _kill_grid(proc, run_dirs[0].parent.parent)  # runs/<row>/seed<n>: the grid folder
+    pytest.fail(f"the grid never had {len(run_dirs)} run(s) training past iteration "
+                f"{iteration} (exit status {proc.returncode}): {states}")
 
 
 def _kill_grid(proc: subprocess.Popen, runs: Path) -> None:
@@ -321,8 +328,9 @@ def test_grid_processes_save_and_stop_when_their_parent_is_killed(tmp_path: Path
     while time.time() < deadline and not all(_run_state(p).get("status") == "interrupted"
                                              for p in states):
         time.sleep(0.2)
-    statuses = [_run_state(p).get("status") for p in states]
+    final = [_run_state(p) for p in states]
+    statuses = [state.get("status") for state in final]
     if statuses != ["interrupted"] * 2:
         _kill_grid(proc, tmp_path / "runs")  # the orphans would train on after the test
-    assert statuses == ["interrupted"] * 2
+    assert statuses == ["interrupted"] * 2, final
     assert all(cell_status(c) == "partial" for c in cells[:2])

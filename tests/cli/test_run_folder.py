@@ -15,6 +15,7 @@ import yaml
 
 from semiseg.cli import main
 from semiseg.engine.checkpoint import load_checkpoint
+from semiseg.engine.run_folder import PARENT_DIED, StopSignals
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -118,23 +119,73 @@ def test_state_json_is_valid_json_without_eval_cases(tiny_config, tmp_path: Path
     assert "no validation ran" in capsys.readouterr().out
 
 
+def _deliver(sig: int) -> None:
+    """Send ``sig`` to this process; its handler runs before ``os.kill`` returns."""
+    try:
+        os.kill(os.getpid(), sig)
+    except KeyboardInterrupt:
+        pytest.fail(f"{signal.Signals(sig).name} asked to stop at once")
+
+
+def test_stop_signals_by_hand() -> None:
+    before = {sig: signal.getsignal(sig) for sig in StopSignals.SIGNALS}
+    signals = StopSignals().install()
+    try:
+        # The parent's death, however often the kernel hands it on, asks for one orderly stop.
+        for _ in range(3):
+            _deliver(PARENT_DIED)
+        assert signals.received == PARENT_DIED and signals.exit_code == 128 + PARENT_DIED
+        assert signals.name == "the death of its grid parent"
+        # A person's SIGTERM after it is a first signal; the parent's death never stops at once.
+        _deliver(signal.SIGTERM)
+        assert signals.received == signal.SIGTERM and signals.exit_code == 143
+        _deliver(PARENT_DIED)
+        assert signals.received == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # a second person's signal does
+            os.kill(os.getpid(), signal.SIGINT)
+        # Held back during a write that must not be torn; raised as the block ends.
+        written = False
+        with pytest.raises(KeyboardInterrupt), signals.held():
+            _deliver(signal.SIGINT)
+            written = True
+        assert written
+    finally:
+        signals.restore()
+    assert {sig: signal.getsignal(sig) for sig in StopSignals.SIGNALS} == before
+    # Once the parent has died, its late copies must not kill the saved, ending process.
+    signals = StopSignals().install()
+    _deliver(PARENT_DIED)
+    signals.restore()
+    try:
+        assert signal.getsignal(PARENT_DIED) is signal.SIG_IGN
+        os.kill(os.getpid(), PARENT_DIED)  # by default, this would end the test run
+    finally:
+        signal.signal(PARENT_DIED, before[PARENT_DIED])
+
+
 @pytest.mark.slow
 def test_sigint_and_sigterm_save_a_checkpoint_and_an_honest_state(tiny_config,
                                                                    tmp_path: Path) -> None:
     config = _long_run(tiny_config)
     run = tmp_path / "run"
     saved = 0
-    for sig, code, args in ((signal.SIGINT, 130, ["--config", str(config)]),
-                            (signal.SIGTERM, 143, ["--resume"])):
+    # PARENT_DIED is what a --jobs grid process gets when its parent dies, as often as the
+    # parent had threads to hand it on to: sent three times apart, it is still one orderly stop.
+    for sig, code, args, times, name in (
+            (signal.SIGINT, 130, ["--config", str(config)], 1, "SIGINT"),
+            (signal.SIGTERM, 143, ["--resume"], 1, "SIGTERM"),
+            (PARENT_DIED, 128 + PARENT_DIED, ["--resume"], 3, "the death of its grid parent")):
         proc = _start(["train", *args, "--out", str(run), "--no-progress"], tmp_path)
         before = _wait_for_iteration(run, proc, saved + 7)
-        proc.send_signal(sig)
+        for _ in range(times):
+            proc.send_signal(sig)
+            time.sleep(0.05)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == code, err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in err
         assert lines[0].endswith(f"continue with: semiseg train --out {run} --resume")
-        assert f"stopped by {sig.name} after iteration" in lines[0]
+        assert f"stopped by {name} after iteration" in lines[0]
         state = _state(run)
         saved = load_checkpoint(run / "checkpoints/last.pt")["iteration"]
         assert state["status"] == "interrupted"

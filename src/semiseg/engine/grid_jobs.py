@@ -13,17 +13,19 @@ one per two cores with a GPU.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
 from tqdm import tqdm
 
+from semiseg.engine.run_folder import PARENT_DIED
 from semiseg.errors import ConfigError
 
 POLL_SECONDS = 2.0
@@ -69,18 +71,24 @@ def child_command(grid_path: Path, rows: Sequence[str] | None, device: str | Non
             "--no-progress", "--jobs", "1"]
 
 
-def _stop_with_parent() -> None:
-    """In the child, before it runs (Linux): the kernel sends it SIGTERM when the process that
-    started it dies, even by ``kill -9``, so that no grid process trains on unwatched; as with
-    any SIGTERM, it saves its cell and stops."""
+def _stop_with_parent_hook() -> Callable[[], None] | None:
+    """What a child runs before its program (Linux): ask the kernel to send it
+    :data:`PARENT_DIED` when the process that started it dies, even by ``kill -9``, so that no
+    grid process trains on unwatched; the trainer then saves its cell and stops, as on a first
+    SIGTERM. ``None`` where there is no ``prctl``: the child then outlives a killed parent, as
+    it would without ``--jobs``."""
     if not sys.platform.startswith("linux"):
-        return
-    import contextlib
-    import ctypes
+        return None
+    try:
+        # Looked up here, in the parent: between fork and exec the child should only call.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
 
-    # Without prctl the child outlives a killed parent, as it would without --jobs.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    def stop_with_parent() -> None:
+        prctl(1, int(PARENT_DIED))  # 1 = PR_SET_PDEATHSIG
+
+    return stop_with_parent
 
 
 class _Forward:
@@ -144,13 +152,14 @@ def run_grid_in_processes(grid_path: Path, jobs: str | int = "auto",
     print(f"{grid_path}: {len(open_cells)} of {len(cells)} cells to run, {count} processes "
           f"with {env['OMP_NUM_THREADS']} thread(s) each")
     procs: list[subprocess.Popen] = []
+    stop_with_parent = _stop_with_parent_hook()
     forward = _Forward(procs)
     try:
         for _ in range(count):
             # Own sessions: a Ctrl-C in the terminal reaches them once, through _Forward.
             procs.append(subprocess.Popen(child_command(grid_path, rows, device, seeds), env=env,
                                           start_new_session=True,
-                                          preexec_fn=_stop_with_parent))
+                                          preexec_fn=stop_with_parent))
         with tqdm(total=len(cells), disable=not show_progress, desc="cells done",
                   dynamic_ncols=True) as bar:
             while any(proc.poll() is None for proc in procs):

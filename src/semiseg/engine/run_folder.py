@@ -107,23 +107,39 @@ def check_resumable(saved: Mapping[str, Any], config: Mapping[str, Any], checkpo
 # ------------------------------------------------------------------------------ signals
 
 
+# The signal a ``--jobs`` grid process asks the kernel for when its parent dies
+# (``PR_SET_PDEATHSIG``, see :mod:`semiseg.engine.grid_jobs`). Not SIGTERM: the kernel sends it
+# once per thread of the dying parent that the child is handed on to (measured: twice for a
+# parent with a few threads), and a repeated SIGTERM means "stop at once", which would tear the
+# checkpoint and state it is meant to save.
+PARENT_DIED = signal.SIGUSR1
+
+
 class StopSignals:
     """SIGINT / SIGTERM while training: the first one asks the loop to stop after the current
     iteration (it then saves a checkpoint); a second one raises :class:`KeyboardInterrupt`
-    at once. Only the main thread of a process can install handlers; elsewhere, and when
-    ``enabled`` is off (several processes, which must stop together), nothing changes."""
+    at once. :data:`PARENT_DIED` asks for the same orderly stop however often it comes. Only
+    the main thread of a process can install handlers; elsewhere, and when ``enabled`` is off
+    (several processes, which must stop together), nothing changes."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, PARENT_DIED)
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._holding = False
+        self._pending = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:
+        if signum == PARENT_DIED:
+            self.received = self.received or signum
+        elif self.received is None or self.received == PARENT_DIED:
+            self.received = signum
+        elif self._holding:
+            self._pending = True
+        else:
             raise KeyboardInterrupt
-        self.received = signum
 
     def install(self) -> StopSignals:
         """Take over the signals (until :meth:`restore`)."""
@@ -132,13 +148,35 @@ class StopSignals:
         return self
 
     def restore(self) -> None:
-        """Give the signals back their previous handlers."""
+        """Give the signals back their previous handlers. After the parent's death, its later
+        copies are ignored: their default action would kill a process that has saved its work
+        and is ending with its own status."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            late_copy = sig == PARENT_DIED and self.received == PARENT_DIED
+            signal.signal(sig, signal.SIG_IGN if late_copy else handler)
         self._previous = {}
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold "stop at once" back during a short write that must not be torn (the final
+        ``state.json``); a second signal that came meanwhile raises as the block ends.
+
+        A flag, not the signal mask: Python runs its handlers in the main thread whichever
+        thread the kernel delivers to, and a blocked main thread leaves the others to take it.
+        """
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
 
     @property
     def name(self) -> str:
+        if self.received == PARENT_DIED:
+            return "the death of its grid parent"
         return signal.Signals(self.received).name if self.received else "KeyboardInterrupt"
 
     @property

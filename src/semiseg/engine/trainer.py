@@ -378,7 +378,8 @@ class Trainer:
                     break
         except KeyboardInterrupt:
             # A second signal (or one before the loop could react): what last.pt holds stays.
-            self._write_state("interrupted")
+            with signals.held():  # a third one must not tear the record
+                self._write_state("interrupted")
             raise
         except RunInterruptedError:
             raise
@@ -408,7 +409,8 @@ class Trainer:
         last = self.run_dir / "checkpoints" / LAST
         if not saved:
             self._save(last)
-        self._write_state("interrupted")
+        with signals.held():
+            self._write_state("interrupted")
         raise RunInterruptedError(
             f"stopped by {signals.name} after iteration {self.iteration}/"
             f"{self.config.train.max_iterations}, saved in {last}", signals.exit_code,
