@@ -1,6 +1,7 @@
 """The trainer: kill-and-resume gives the uninterrupted result; logs, checkpoints, errors."""
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,37 @@ def test_training_log_has_per_organ_validation(tmp_path: Path) -> None:
     # Every organ is in the phantom's eval cases, so every organ has a volume ratio.
     volumes = [float(row[f"val/volume/{name}"]) for name in organs]
     assert all(v >= 0 for v in volumes)
+
+
+def test_a_second_stop_signal_inside_a_checkpoint_write_is_an_interruption(
+        tmp_path: Path, monkeypatch) -> None:
+    import os
+    import signal
+
+    import semiseg.engine.trainer as trainer_module
+
+    real_save = trainer_module.save_checkpoint
+
+    def save_like_torch(path: Path, payload: dict) -> None:
+        if payload["iteration"] == 6:
+            os.kill(os.getpid(), signal.SIGTERM)  # first: stop after this iteration
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)  # second, mid-write: stop at once
+            except KeyboardInterrupt:
+                # What torch.save's C++ writer makes of an interrupt in its write callback
+                # (measured: "[enforce fail at inline_container.cc:672] . unexpected pos").
+                raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") \
+                    from None
+        real_save(path, payload)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_like_torch)
+    config = tiny_config(tmp_path / "data", **{"train.max_iterations": 100,
+                                               "train.validate_every": 0})
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config, run, show_progress=False).fit()
+    state = json.loads((run / "state.json").read_text(encoding="utf-8"))
+    assert state["status"] == "interrupted" and "error" not in state, state
+    # The checkpoint the interrupted write would have replaced is the one to resume.
+    assert state["checkpoint_iteration"] == 3 and state["iteration"] == 6
+    assert load_checkpoint(run / "checkpoints/last.pt")["iteration"] == 3

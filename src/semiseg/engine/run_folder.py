@@ -130,6 +130,9 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
         self._holding = False
         self._pending = False
+        # Set when "stop at once" was raised: C++ code that calls back into Python (torch.save's
+        # writer) turns that KeyboardInterrupt into a RuntimeError of its own, measured.
+        self.stopped_at_once = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum == PARENT_DIED:
@@ -139,6 +142,7 @@ class StopSignals:
         elif self._holding:
             self._pending = True
         else:
+            self.stopped_at_once = True
             raise KeyboardInterrupt
 
     def install(self) -> StopSignals:
@@ -171,6 +175,7 @@ class StopSignals:
             self._holding = False
         if self._pending:
             self._pending = False
+            self.stopped_at_once = True
             raise KeyboardInterrupt
 
     @property

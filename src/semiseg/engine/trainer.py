@@ -384,6 +384,10 @@ class Trainer:
         except RunInterruptedError:
             raise
         except Exception as exc:
+            if signals.stopped_at_once:  # the second signal, come out of C++ as its error
+                with signals.held():
+                    self._write_state("interrupted")
+                raise KeyboardInterrupt from exc
             self._write_state_if_possible("failed", f"{type(exc).__name__}: {exc}")
             raise
         finally:
