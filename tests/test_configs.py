@@ -62,7 +62,8 @@ def test_the_demo_is_a_two_row_grid_of_valid_configs(tmp_path: Path) -> None:
 @pytest.mark.parametrize("row,host", [("scdl_ga_cps", "ga_cps"), ("scdl_ga_cps_e2p_sum", "ga_cps"),
                                       ("scdl_ga_cps_cdba_only", "ga_cps"),
                                       ("scdl_ga_magicnet", "ga_magicnet"),
-                                      ("scdl_ga_magicnet_no_injection", "ga_magicnet")])
+                                      ("scdl_ga_magicnet_no_injection", "ga_magicnet"),
+                                      ("scdl_ga_magicnet_zero_init", "ga_magicnet")])
 def test_compare_scdl_rows_are_their_hosts_plus_the_plug_in(row: str, host: str) -> None:
     # A paired difference means something only if the rows differ in the plug-in alone.
     with_scdl = load_config(REPO / "configs" / "compare" / f"{row}.yaml")
@@ -124,15 +125,20 @@ def test_ga_cps_plain_cross_row_differs_from_ga_cps_in_the_cross_gamma_alone() -
 
 
 
-def test_scdl_no_injection_row_differs_from_the_converged_scdl_row_in_the_injection_alone() -> None:
-    # The diagnosis of SCDL-GA-MagicNet's loss at convergence pairs these two rows seed by seed.
+@pytest.mark.parametrize("row,scdl_options", [
+    ("scdl_ga_magicnet_no_injection", {"injection": "none"}),
+    ("scdl_ga_magicnet_zero_init", {"zero_init_projection": True})])
+def test_scdl_diagnosis_rows_differ_from_the_converged_scdl_row_in_one_option(
+        row: str, scdl_options: dict) -> None:
+    # The diagnosis of SCDL-GA-MagicNet's loss at convergence pairs these rows seed by seed
+    # with the converged scdl_ga_magicnet row.
     diagnosis_grid = load_grid(REPO / "configs/compare/grid_converged_scdl.yaml")
-    (diagnosis,) = [c for c in grid_cells(diagnosis_grid) if c.seed == 0]
+    (diagnosis,) = [c for c in grid_cells(diagnosis_grid) if c.seed == 0 and c.row == row]
     (scdl,) = [c for c in grid_cells(load_grid(REPO / "configs/compare/grid_converged.yaml"))
                if c.row == "scdl_ga_magicnet" and c.seed == 0]
     options = dict(diagnosis.config.method.options)
     reference = dict(scdl.config.method.options)
-    assert dict(options.pop("scdl")) == {"injection": "none"}
+    assert dict(options.pop("scdl")) == scdl_options
     assert dict(reference.pop("scdl")) == {}
     assert options == reference
     for section in ("data", "model", "train", "inference", "evaluation"):
