@@ -110,7 +110,9 @@ def test_grid_cells_and_validation(tmp_path: Path) -> None:
 
 
 def test_grid_survives_a_kill_and_does_not_redo_finished_cells(tmp_path: Path) -> None:
-    grid_path = _grid(tmp_path, iterations=6)
+    # 20 iterations and a 20-ms poll: the kill lands while the second cell trains. With 6 and
+    # 0.2 s, the cell sometimes finished its last 4 iterations between two polls (stop 25).
+    grid_path = _grid(tmp_path, iterations=20)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "semiseg", "experiment", "run",
                              str(grid_path), "--no-progress"], env=env,
@@ -122,7 +124,7 @@ def test_grid_survives_a_kill_and_does_not_redo_finished_cells(tmp_path: Path) -
     second_ckpt = cells[1].run_dir / "checkpoints" / "last.pt"
     deadline = time.time() + 240
     while time.time() < deadline and not second_ckpt.exists():
-        time.sleep(0.2)
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert first_metrics.exists(), "the first cell finished before the kill"
