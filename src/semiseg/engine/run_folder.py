@@ -186,5 +186,6 @@ class StopSignals:
 
     @property
     def exit_code(self) -> int:
-        """The shell's status for death by the signal: 128 + its number (130, 143)."""
+        """The shell's status for death by the signal: 128 + its number (130, 143; 138 for
+        :data:`PARENT_DIED`)."""
         return 128 + (self.received or signal.SIGINT)
